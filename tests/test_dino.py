@@ -1,0 +1,323 @@
+"""Tests of dino.py on CPU: each builds tiny models and trains for a few steps on the bundled data."""
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dino
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A configuration small enough for seconds per run: 16 tokens per global crop, 64 prototypes.
+TINY = ["--arch", "vit_nano", "--patch_size", "7", "--local_crops_size", "14", "--local_crops_number", "2",
+        "--out_dim", "64", "--batch_size_per_gpu", "16", "--subset", "64", "--epochs", "2", "--num_workers", "0",
+        "--warmup_epochs", "1"]
+
+
+def train(output_dir, *extra):
+    dino.main(TINY + ["--output_dir", str(output_dir), *extra])
+    return [json.loads(line) for line in open(os.path.join(output_dir, "log.txt"))]
+
+
+def run_script(*args, cwd=ROOT):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "dino.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- loss
+def test_dino_loss_hand_computed():
+    """K = 3, one image, 2 global + 1 local crop, temperatures 1 so the numbers are simple."""
+    loss_fn = dino.DINOLoss(3, 3, 1.0, 1.0, 0, 1, student_temp=1.0, center_momentum=0.9)
+    ln2, ln3 = math.log(2), math.log(3)
+    teacher = torch.tensor([[ln2, 0, 0], [0, 0, ln2]])  # softmax: (1/2, 1/4, 1/4) and (1/4, 1/4, 1/2)
+    student = torch.tensor([[0.0, 0, 0], [ln2, 0, 0], [0, 0, 0]])  # log-softmax of row 1: (-ln2, -2ln2, -2ln2)
+    loss = loss_fn(student, teacher, 0)
+    # pairs (teacher view, student view): (0,1) = 1.5 ln2, (0,2) = (1,0) = (1,2) = ln3
+    assert loss.item() == pytest.approx((1.5 * ln2 + 3 * ln3) / 4, rel=1e-6)
+    expected_center = 0.1 * torch.tensor([[ln2 / 2, 0, ln2 / 2]])
+    assert torch.allclose(loss_fn.center, expected_center, atol=1e-7)
+    # the second call centres the teacher: softmax(t - c)
+    loss2 = loss_fn(student, teacher, 0)
+    q = F.softmax(teacher - expected_center, dim=-1)
+    logp = F.log_softmax(student, dim=-1)
+    pairs = [(0, 1), (0, 2), (1, 0), (1, 2)]
+    assert loss2.item() == pytest.approx(sum(-(q[a] * logp[b]).sum().item() for a, b in pairs) / 4, rel=1e-6)
+
+
+def test_dino_loss_teacher_temperature_warmup():
+    loss_fn = dino.DINOLoss(8, 4, 0.04, 0.07, 3, 10)
+    assert np.allclose(loss_fn.teacher_temp_schedule[:4], [0.04, 0.055, 0.07, 0.07])
+    assert len(loss_fn.teacher_temp_schedule) == 10
+
+
+def test_vmf_normalizer_matches_bessel_series():
+    """Differences of log C_p(kappa) between kappas (what the softmax sees) against an exact series."""
+    p = 256
+    nu = p / 2 - 1
+
+    def log_bessel(x):  # log I_nu(x) = log sum_m (x/2)^(2m+nu) / (m! Gamma(m+nu+1)), in float64
+        terms = [(2 * m + nu) * math.log(x / 2) - math.lgamma(m + 1) - math.lgamma(m + nu + 1) for m in range(400)]
+        top = max(terms)
+        return top + math.log(sum(math.exp(t - top) for t in terms))
+
+    kappas = torch.tensor([5.0, 10.0, 25.0, 60.0, 150.0], dtype=torch.float64)
+    ours = dino.vmf_log_normalizer(kappas, p).double()
+    exact = torch.tensor([nu * math.log(k) - log_bessel(k) for k in kappas.tolist()], dtype=torch.float64)
+    assert torch.allclose(ours - ours[0], exact - exact[0], atol=2e-3)
+
+
+def test_vmf_loss_uses_probability_centre():
+    loss_fn = dino.DINOLoss(16, 4, 0.04, 0.04, 0, 1, vmf_dim=8)
+    assert torch.allclose(loss_fn.center, torch.full((1, 16), 1 / 16))
+    norms = torch.rand(16) + 0.5
+    loss = loss_fn(torch.randn(8, 16), torch.randn(4, 16), 0, student_norms=norms, teacher_norms=norms)
+    assert torch.isfinite(loss)
+    assert loss_fn.center.sum().item() == pytest.approx(1.0, abs=1e-5)  # still a distribution
+
+
+# --------------------------------------------------------------------------------------------- model
+def test_official_state_dict_layout():
+    """Keys and shapes of the official ViT-S/16 and DINOHead checkpoints (REFERENCE.md)."""
+    vit = dino.vit_small(patch_size=16)
+    keys = set(vit.state_dict())
+    block = {f"blocks.0.{m}.{p}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+             for p in ("weight", "bias")}
+    assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
+            "norm.bias"} | block <= keys
+    assert len(keys) == 6 + 12 * 12
+    assert vit.state_dict()["pos_embed"].shape == (1, 197, 384)
+    head = dino.DINOHead(384, 65536)
+    shapes = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    assert shapes == {"mlp.0.weight": (2048, 384), "mlp.0.bias": (2048,), "mlp.2.weight": (2048, 2048),
+                      "mlp.2.bias": (2048,), "mlp.4.weight": (256, 2048), "mlp.4.bias": (256,),
+                      "last_layer.weight_g": (65536, 1), "last_layer.weight_v": (65536, 256)}
+    assert not head.last_layer.weight_g.requires_grad  # norm_last_layer=True freezes g at 1
+    bn_head = dino.DINOHead(384, 10, use_bn=True)
+    assert "mlp.1.running_mean" in bn_head.state_dict() and "mlp.6.weight" in bn_head.state_dict()
+
+
+def test_weight_norm_matches_torch():
+    head = dino.DINOHead(32, 50, norm_last_layer=False, bottleneck_dim=16)
+    ref = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(16, 50, bias=False))
+    ref.parametrizations.weight.original0.data = head.last_layer.weight_g.data * 1.7
+    ref.parametrizations.weight.original1.data = head.last_layer.weight_v.data.clone()
+    head.last_layer.weight_g.data *= 1.7
+    x = torch.randn(4, 16)
+    assert torch.allclose(head.last_layer(x), ref(x), atol=1e-6)
+
+
+def test_pos_embed_interpolation_and_multicrop():
+    vit = dino.vit_nano(patch_size=4, img_size=28)
+    wrapper = dino.MultiCropWrapper(vit, dino.DINOHead(128, 32, bottleneck_dim=16))
+    crops = [torch.randn(3, 3, 28, 28)] * 2 + [torch.randn(3, 3, 12, 12)] * 4
+    out = wrapper(crops)
+    assert out.shape == (6 * 3, 32)
+    assert torch.allclose(out[:3], wrapper(crops[0]), atol=1e-5)  # crop-major order
+    assert vit(torch.randn(2, 3, 16, 20)).shape == (2, 128)  # non-square crops work too
+
+
+# ----------------------------------------------------------------------------------------------- kNN
+def reference_knn(train_f, train_y, test_f, test_y, k, T, C):
+    """Straightforward weighted kNN, one test sample at a time (DINO's protocol)."""
+    top1 = 0
+    for f, y in zip(test_f, test_y):
+        sims = train_f @ f
+        s, i = sims.topk(k)
+        votes = torch.zeros(C).index_add_(0, train_y[i], (s / T).exp())
+        top1 += int(votes.argmax() == y)
+    return 100.0 * top1 / len(test_y)
+
+
+def test_knn_hand_computed():
+    train_f = F.normalize(torch.tensor([[1.0, 0], [0, 1], [0.6, 0.8]]), dim=1)
+    train_y = torch.tensor([0, 1, 1])
+    test_f, test_y = torch.tensor([[1.0, 0]]), torch.tensor([0])
+    # weights exp(1/T) for class 0 against exp(0.6/T) + exp(0/T) for class 1
+    assert dino.knn_classifier(train_f, train_y, test_f, test_y, k=3, T=0.07)[0] == 100.0
+    assert dino.knn_classifier(train_f, train_y, test_f, test_y, k=3, T=10.0)[0] == 0.0
+
+
+@pytest.mark.parametrize("n_test", [1, 37])
+def test_knn_any_test_size(n_test):
+    g = torch.Generator().manual_seed(n_test)
+    train_f = F.normalize(torch.randn(200, 16, generator=g), dim=1)
+    train_y = torch.randint(0, 7, (200,), generator=g)
+    test_f = F.normalize(torch.randn(n_test, 16, generator=g), dim=1)
+    test_y = torch.randint(0, 7, (n_test,), generator=g)
+    top1, top5 = dino.knn_classifier(train_f, train_y, test_f, test_y, k=20, T=0.07, num_classes=7)
+    assert top1 == pytest.approx(reference_knn(train_f, train_y, test_f, test_y, 20, 0.07, 7))
+    assert top1 <= top5 <= 100.0
+
+
+def test_long_tail_profile():
+    targets = np.repeat(np.arange(10), 100)
+    idx = dino.long_tail_indices(targets, 10, seed=0)
+    counts = np.bincount(targets[idx])
+    assert counts[0] == 100 and counts[-1] == 10 and np.all(np.diff(counts) <= 0)
+    assert np.array_equal(idx, dino.long_tail_indices(targets, 10, seed=0))  # seeded
+
+
+# ------------------------------------------------------------------------------------------ training
+def test_training_steps_lower_the_loss():
+    """The student learns to match a fixed teacher: the loss on a batch of real crops goes down."""
+    args = dino.parse_args(TINY)
+    mean, std = dino.DATASETS[args.data]
+    augment = dino.DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
+                                        args.global_crops_size, args.local_crops_size, mean, std)
+    dataset = dino.build_dataset(args, True, augment)
+    torch.manual_seed(0)
+    batch = [torch.stack(c) for c in zip(*(dataset[i][0] for i in range(16)))]  # 4 crops of (16, 3, H, W)
+    student, teacher = dino.build_models(args)
+    teacher.load_state_dict(student.state_dict())
+    loss_fn = dino.DINOLoss(args.out_dim, 4, 0.04, 0.04, 0, 1, center_momentum=1.0)  # fixed targets
+    optimizer = torch.optim.AdamW(dino.get_params_groups(student), lr=1e-4)
+    with torch.no_grad():
+        targets = teacher(batch[:2])
+    losses = []
+    for _ in range(30):
+        loss = loss_fn(student(batch), targets, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        dino.clip_gradients(student, 3.0)
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+
+def test_training_run_writes_official_checkpoint(tmp_path):
+    log = train(tmp_path, "--epochs", "2", "--freeze_last_layer", "0", "--koleo", "0.1")
+    assert all(math.isfinite(e["loss"]) for e in log) and len(log) == 2
+    assert {"loss", "lr", "teacher_entropy", "unique_prototypes", "koleo", "images_per_s"} <= set(log[0])
+    ckpt = dino.load_checkpoint(str(tmp_path / "checkpoint.pth"))
+    assert {"student", "teacher", "optimizer", "epoch", "args", "dino_loss"} <= set(ckpt)
+    assert ckpt["epoch"] == 2 and "center" in ckpt["dino_loss"]
+    assert all(k.startswith("module.") for k in ckpt["student"])
+    assert "backbone.cls_token" in ckpt["teacher"] and "head.last_layer.weight_g" in ckpt["teacher"]
+    args = dino.parse_args(TINY)
+    student, teacher = dino.build_models(args)
+    teacher.load_state_dict(ckpt["teacher"], strict=True)
+    student.load_state_dict(dino.strip_prefix(ckpt["student"]), strict=True)
+    summary = json.load(open(tmp_path / "summary.json"))
+    for key in ("knn_top1", "raw_pixel_knn_top1", "unique_prototypes", "num_prototypes", "seconds"):
+        assert summary[key] is not None
+    assert summary["num_prototypes"] == 64
+
+
+def test_resume_continues_exactly(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(a, "--saveckp_freq", "1")
+    b.mkdir()
+    shutil.copy(a / "checkpoint0001.pth", b / "checkpoint.pth")  # as if run a had stopped after epoch 1
+    train(b)
+    final_a = torch.load(a / "checkpoint.pth", weights_only=False)
+    final_b = torch.load(b / "checkpoint.pth", weights_only=False)
+    for part in ("teacher", "student"):
+        for k, v in final_a[part].items():
+            assert torch.equal(v, final_b[part][k]), (part, k)
+    assert torch.equal(final_a["dino_loss"]["center"], final_b["dino_loss"]["center"])
+
+
+def test_vmf_trains(tmp_path):
+    log = train(tmp_path, "--vmf", "--epochs", "1")
+    assert math.isfinite(log[-1]["loss"])
+    ckpt = dino.load_checkpoint(str(tmp_path / "checkpoint.pth"))
+    assert ckpt["args"].norm_last_layer is False
+
+
+def test_torchrun_two_processes(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29531", os.path.join(ROOT, "dino.py"), *TINY, "--epochs", "1", "--output_dir", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "checkpoint.pth").exists() and (tmp_path / "summary.json").exists()
+    assert json.loads(open(tmp_path / "log.txt").readline())["epoch"] == 1
+
+
+# --------------------------------------------------------------------------------------------- bad input
+def assert_one_line_error(result, *words):
+    assert result.returncode != 0
+    lines = [l for l in result.stderr.replace("\r", "\n").splitlines() if l.strip() and "%|" not in l]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def make_folder(root, corrupt=False):
+    from PIL import Image
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            os.makedirs(root / split / c)
+            for i in range(3):
+                Image.fromarray(np.full((28, 28, 3), 60 * i, np.uint8)).save(root / split / c / f"{i}.png")
+    if corrupt:
+        (root / "train" / "b" / "broken.png").write_bytes(b"not an image")
+
+
+TINY_FOLDER = ["--data", "folder", "--global_crops_size", "28", "--batch_size_per_gpu", "7", "--subset", "7"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--data", "mnist"], ["--data", "invalid choice"]),
+    (["--data", "imagenet"], ["--data_path"]),
+    (["--data", "imagenet", "--data_path", "/nonexistent"], ["/nonexistent"]),
+    (["--out_dim", "1"], ["--out_dim"]),
+    (["--batch_size_per_gpu", "0"], ["--batch_size_per_gpu"]),
+    (["--batch_size_per_gpu", "100000"], ["--batch_size_per_gpu", "exceeds"]),
+    (["--patch_size", "5"], ["multiple of --patch_size"]),
+])
+def test_bad_arguments(tmp_path, args, words):
+    assert_one_line_error(run_script(*TINY, "--output_dir", str(tmp_path), *args), *words)
+
+
+def test_empty_data_folder(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    assert_one_line_error(run_script(*TINY, "--data", "folder", "--data_path", str(tmp_path)), "no images")
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_corrupt_image(tmp_path, workers):
+    make_folder(tmp_path / "d", corrupt=True)
+    result = run_script(*TINY, *TINY_FOLDER, "--data_path", str(tmp_path / "d"), "--num_workers", workers,
+                        "--output_dir", str(tmp_path / "out"))
+    assert_one_line_error(result, "broken.png")
+
+
+def test_bad_resume_files_leave_checkpoint_intact(tmp_path):
+    out = tmp_path / "run"
+    train(out, "--epochs", "1")
+    before = sha(out / "checkpoint.pth")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(os.urandom(1000))
+    assert_one_line_error(run_script(*TINY, "--output_dir", str(out), "--resume", str(junk)), "junk.pth")
+    assert_one_line_error(run_script(*TINY, "--output_dir", str(out), "--resume", str(tmp_path / "missing.pth")),
+                          "no checkpoint")
+    # output_dir holds a run of another architecture: refused, not overwritten
+    assert_one_line_error(run_script(*TINY, "--output_dir", str(out), "--out_dim", "32"), "--out_dim 64")
+    assert sha(out / "checkpoint.pth") == before
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"teacher": Evil()}, path)
+    with pytest.raises(dino.BadInput):
+        dino.load_checkpoint(str(path))
+    assert not (tmp_path / "pwned").exists()

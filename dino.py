@@ -96,14 +96,21 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(f"dino.py: error: {message} (see python dino.py --help)")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # preset flags say their defaults themselves
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def get_args_parser():
-    p = OneLineParser("dino.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                      description="DINO / DINO-vMF with KoLeo-Proto. Flags marked 'preset' default to the "
-                                  "preset of --data (listed at the end), else to the official value shown.",
+    p = OneLineParser("dino.py", formatter_class=HelpFormatter,
+                      description="DINO / DINO-vMF with KoLeo-Proto. A flag marked [preset] defaults to the "
+                                  "preset of --data (all presets are listed at the end), else to the official value.",
                       epilog="presets: " + "; ".join(f"{k}: {v or 'official recipe'}" for k, v in PRESETS.items()))
 
     def preset(name, help, **kw):  # a flag whose default comes from the preset
-        p.add_argument(f"--{name}", default=None, help=f"{help} [preset; official {OFFICIAL[name]}]", **kw)
+        ours = PRESETS["fashion-mnist"].get(name, OFFICIAL[name])
+        default = f"official {OFFICIAL[name]}" + (f", bundled data {ours}" if ours != OFFICIAL[name] else "")
+        p.add_argument(f"--{name}", default=None, help=f"{help} [preset: {default}]", **kw)
 
     preset("arch", "backbone", choices=list(ARCHS))
     preset("patch_size", "ViT patch size in pixels", type=int)
@@ -807,7 +814,7 @@ def extract_features(backbone, dataset, args, device, amp_dtype, with_pixels=Tru
 def train_one_epoch(student, teacher, student_without_ddp, dino_loss, loader, optimizer, schedules, epoch,
                     scaler, amp_dtype, args, device, rank):
     lr_schedule, wd_schedule, momentum_schedule = schedules
-    student_params = list(student_without_ddp.parameters())
+    student_params = [p.detach() for p in student_without_ddp.parameters()]  # views: see optimizer updates
     teacher_params = list(teacher.parameters())
     prototypes = student_without_ddp.head.last_layer
     K = args.out_dim
@@ -850,7 +857,7 @@ def train_one_epoch(student, teacher, student_without_ddp, dino_loss, loader, op
         with torch.no_grad():  # teacher = exponential moving average of the student (Sec. 3.1)
             m = momentum_schedule[it]
             torch._foreach_mul_(teacher_params, m)  # one fused kernel per step, not one per tensor
-            torch._foreach_add_(teacher_params, [p.detach() for p in student_params], alpha=1 - m)
+            torch._foreach_add_(teacher_params, student_params, alpha=1 - m)
             q = dino_loss.teacher_probs
             entropy = -(q * torch.log(q + 1e-12)).sum(dim=-1).mean()
             sums += torch.stack([loss.detach(), koleo.detach(), entropy])

@@ -618,13 +618,13 @@ class DINOLoss(nn.Module):
         """student_output: (ncrops * B, K) logits, teacher_output: (2 * B, K), crop-major."""
         temp = self.teacher_temp_schedule[epoch]
         s = student_output.float() / self.student_temp
-        t = teacher_output.float().detach() / temp
+        t = teacher_output.float().detach()
         if self.vmf_dim:
             s = s + vmf_log_normalizer(student_norms / self.student_temp, self.vmf_dim)
-            t = t + vmf_log_normalizer(teacher_norms.detach() / temp, self.vmf_dim)
+            t = t / temp + vmf_log_normalizer(teacher_norms.detach() / temp, self.vmf_dim)
             teacher_probs = F.softmax(t - torch.log(self.center), dim=-1)
         else:
-            teacher_probs = F.softmax(t - self.center / temp, dim=-1)
+            teacher_probs = F.softmax((t - self.center) / temp, dim=-1)
         student_logp = F.log_softmax(s, dim=-1).chunk(self.ncrops)  # ncrops x (B, K)
         teacher_probs = teacher_probs.chunk(2)  # 2 x (B, K)
         total, n_terms = 0.0, 0
@@ -641,11 +641,12 @@ class DINOLoss(nn.Module):
     def update_center(self, teacher_output):
         """EMA of the batch mean over all processes: logits for DINO, probabilities for DINO-vMF."""
         batch_center = teacher_output.sum(dim=0, keepdim=True)
-        count = torch.tensor(float(len(teacher_output)), device=teacher_output.device)
+        world = 1
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch_center)
-            dist.all_reduce(count)
-        self.center = self.center * self.center_momentum + batch_center / count * (1 - self.center_momentum)
+            world = dist.get_world_size()
+        batch_center = batch_center / (len(teacher_output) * world)
+        self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
 
 
 # ----------------------------------------------------------------------------------------------

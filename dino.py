@@ -694,7 +694,7 @@ def save_checkpoint(state, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
+def safe_load(path):
     """torch.load with weights_only=True (a pickle cannot run code); argparse.Namespace is allowed
     because the official checkpoints store their arguments as one."""
     if not os.path.isfile(path):
@@ -702,12 +702,16 @@ def load_checkpoint(path):
     try:
         if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.4
             with torch.serialization.safe_globals([argparse.Namespace]):
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+                return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise BadInput(f"{path} is not a checkpoint torch can load safely ({e.__class__.__name__}): "
                        "pass a .pth written by dino.py or the official DINO") from None
+
+
+def load_checkpoint(path):
+    """A training checkpoint: a dict with at least 'teacher' (the official layout)."""
+    ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or "teacher" not in ckpt:
         raise BadInput(f"{path} holds no 'teacher' entry: not a DINO training checkpoint")
     return ckpt
@@ -784,9 +788,9 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, k=2
 
 
 @torch.no_grad()
-def extract_features(backbone, dataset, args, device, amp_dtype, with_pixels=True):
-    """L2-normalized backbone features and raw pixels (pooled to at most 32 x 32) of a dataset.
-    With several processes each takes every world-th image, then all gather."""
+def extract_features(model, dataset, args, device, amp_dtype, with_pixels=True):
+    """Features model(x) (B, D) of a dataset, in fp32, and its L2-normalized raw pixels (pooled to at
+    most 32 x 32). With several processes each takes every world-th image, then all gather."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     loader = torch.utils.data.DataLoader(shard, batch_size=256, num_workers=args.num_workers)
@@ -794,7 +798,7 @@ def extract_features(backbone, dataset, args, device, amp_dtype, with_pixels=Tru
     for x, _ in tqdm(loader, desc="features", disable=rank != 0, leave=False):
         x = x.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            feats.append(F.normalize(backbone(x).float(), dim=1))
+            feats.append(model(x).float())
         if with_pixels:
             pooled = F.adaptive_avg_pool2d(x, (min(32, x.shape[-2]), min(32, x.shape[-1])))
             pixels.append(F.normalize(pooled.flatten(1), dim=1))
@@ -1029,6 +1033,7 @@ def evaluate(args, teacher, train_set, indices, device, amp_dtype, mean, std, sa
     train_labels = torch.as_tensor(np.asarray(train_eval.targets)[indices], device=device)
     test_labels = torch.as_tensor(np.asarray(test_eval.targets)[test_indices], device=device)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    train_feats, test_feats = F.normalize(train_feats, dim=1), F.normalize(test_feats, dim=1)
     top1, top5 = knn_classifier(train_feats, train_labels, test_feats, test_labels, 20, 0.07, num_classes)
     raw1 = knn_classifier(*train_pixels, train_labels, *test_pixels, test_labels, 20, 0.07, num_classes)[0] if pixels else None
     say(f"kNN top-1 (k=20, T=0.07, teacher CLS): {top1:.2f}%  (top-5 {top5:.2f}%)")

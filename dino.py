@@ -93,7 +93,7 @@ def bool_flag(s):
 
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints the whole usage first; one line is enough
-        sys.exit(f"dino.py: error: {message} (see python dino.py --help)")
+        sys.exit(f"{self.prog}: error: {message} (see python {self.prog} --help)")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -475,16 +475,17 @@ def init_weights(m):
         nn.init.zeros_(m.bias)
 
 
-def vit(embed_dim, depth, num_heads):
-    return lambda patch_size=16, **kw: VisionTransformer(patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                                                         num_heads=num_heads, **kw)
+def vit(embed_dim, depth, num_heads):  # a builder taking patch_size, img_size, drop_path_rate
+    return partial(VisionTransformer, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
 
 
 vit_nano = vit(128, 6, 4)  # not official: small enough to learn Fashion-MNIST on 2 CPU cores in minutes
 vit_tiny = vit(192, 12, 3)
 vit_small = vit(384, 12, 6)
 vit_base = vit(768, 12, 12)
-ARCHS = {"vit_nano": vit_nano, "vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base, "resnet50": None}
+vit_large = vit(1024, 24, 16)  # released by iBOT
+ARCHS = {"vit_nano": vit_nano, "vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base,
+         "vit_large": vit_large, "resnet50": None}
 
 
 class WeightNormLinear(nn.Module):
@@ -766,25 +767,29 @@ def seed_everything(seed):
 # 6. Evaluation: weighted kNN on L2-normalized teacher features (Wu et al., 2018; DINO's protocol)
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def knn_classifier(train_features, train_labels, test_features, test_labels, k=20, T=0.07, num_classes=None):
-    """Top-1 and top-5 accuracy (percent). Each test sample takes its k most cosine-similar training
-    samples; each votes for its class with weight exp(similarity / T). Features must be
-    L2-normalized. Chunked over test samples so the similarity matrix stays under ~256 MB."""
-    num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
+def knn_predict(train_features, train_labels, test_features, k=20, T=0.07, num_classes=None):
+    """(N, min(5, C)) most voted classes of each test sample, best first. Each test sample takes its
+    k most cosine-similar training samples; each votes for its class with weight exp(similarity / T).
+    Features must be L2-normalized. Chunked over test samples: the similarities stay under ~256 MB."""
+    num_classes = num_classes or int(train_labels.max()) + 1
     k = min(k, len(train_labels))
     chunk = max(1, 2**26 // len(train_labels))
-    correct1 = correct5 = 0
-    for start in range(0, len(test_labels), chunk):
-        feats, labels = test_features[start:start + chunk], test_labels[start:start + chunk]
+    top = []
+    for feats in test_features.split(chunk):
         sims, idx = (feats @ train_features.T).topk(k, dim=1)  # (b, k)
-        votes = torch.zeros(len(labels), num_classes, device=feats.device)
+        votes = torch.zeros(len(feats), num_classes, device=feats.device)
         votes.scatter_add_(1, train_labels[idx], (sims / T).exp())  # (b, C)
-        top = votes.topk(min(5, num_classes), dim=1).indices
-        hits = top == labels[:, None]
-        correct1 += hits[:, 0].sum().item()
-        correct5 += hits.any(dim=1).sum().item()
+        top.append(votes.topk(min(5, num_classes), dim=1).indices)
+    return torch.cat(top)
+
+
+@torch.no_grad()
+def knn_classifier(train_features, train_labels, test_features, test_labels, k=20, T=0.07, num_classes=None):
+    """Top-1 and top-5 accuracy (percent) of knn_predict, for any number of test samples."""
+    num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
+    hits = knn_predict(train_features, train_labels, test_features, k, T, num_classes) == test_labels[:, None]
     n = len(test_labels)
-    return 100.0 * correct1 / n, 100.0 * correct5 / n
+    return 100.0 * hits[:, 0].sum().item() / n, 100.0 * hits.any(dim=1).sum().item() / n
 
 
 @torch.no_grad()
@@ -1041,14 +1046,15 @@ def evaluate(args, teacher, train_set, indices, device, amp_dtype, mean, std, sa
     return dict(knn_top1=top1, knn_top5=top5, raw_pixel_knn_top1=raw1)
 
 
-def run():
+def run(entry=main, prog="dino.py"):
+    """Run entry(); bad input ends the program with one line and a non-zero status, no traceback."""
     try:
-        main()
+        entry()
     except BadInput as e:  # exceptions raised in data-loading workers arrive wrapped with a traceback
         message = str(e).strip().splitlines()[-1].split("BadInput: ", 1)[-1]
-        sys.exit(f"dino.py: error: {message}")
+        sys.exit(f"{prog}: error: {message}")
     except KeyboardInterrupt:
-        sys.exit("dino.py: interrupted; the last checkpoint in --output_dir is intact (rerun to resume)")
+        sys.exit(f"{prog}: interrupted (a training run continues from its last checkpoint when rerun)")
 
 
 if __name__ == "__main__":

@@ -893,10 +893,7 @@ def train_one_epoch(student, teacher, student_without_ddp, dino_loss, loader, op
 
 def prototype_stats(teacher, usage):
     """Collapse figures of the teacher's prototypes (the paper's Sec. 4) and their use on the data."""
-    w = teacher.head.last_layer.weight.detach()
-    with torch.no_grad():
-        stats = dict(unique_prototypes=koleo_proto.count_unique_prototypes(w, eps=0.025),
-                     koleo=koleo_proto.koleo_proto_loss(w).item())
+    stats = koleo_proto.collapse_stats(teacher.head.last_layer.weight.detach())
     stats.update({f"usage_{k}": v for k, v in koleo_proto.usage_stats(usage).items()})
     return stats
 
@@ -1001,6 +998,10 @@ def main(argv=None):
                 save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint{epoch + 1:04}.pth"))
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps(stats) + "\n")
+            with open(os.path.join(args.output_dir, "log.txt")) as f:  # the whole run, resumed parts included
+                koleo_proto.plot_training([json.loads(line) for line in f], args.out_dim,
+                                          os.path.join(args.output_dir, "unique_prototypes.png"),
+                                          f"dino.py --data {args.data}" + (f" --koleo {args.koleo}" if args.koleo else ""))
             say(f"epoch {epoch + 1}/{args.epochs}  loss {stats['loss']:.4f}  unique prototypes "
                 f"{stats['unique_prototypes']}/{args.out_dim}  used {stats['usage_used']}  "
                 f"teacher entropy {stats['teacher_entropy']:.2f}  {stats['images_per_s']:.0f} img/s")

@@ -1101,11 +1101,8 @@ def prototype_stats(teacher, usage=None):
     """Collapse figures of the teacher's prototypes (the paper's Sec. 4), per distinct last layer,
     and the use of the [CLS] prototypes on the data. Keys of last_layer2 end in _patch."""
     stats = {}
-    with torch.no_grad():
-        for name, layer in teacher.head.prototype_layers().items():
-            w, suffix = layer.weight.detach(), "_patch" if name == "last_layer2" else ""
-            stats["unique_prototypes" + suffix] = koleo_proto.count_unique_prototypes(w, eps=0.025)
-            stats["koleo" + suffix] = koleo_proto.koleo_proto_loss(w).item()
+    for name, layer in teacher.head.prototype_layers().items():
+        stats.update(koleo_proto.collapse_stats(layer.weight.detach(), "_patch" if name == "last_layer2" else ""))
     if usage is not None:
         stats.update({f"usage_{k}": v for k, v in koleo_proto.usage_stats(usage).items()})
     return stats
@@ -1220,6 +1217,10 @@ def main(argv=None):
                 save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint{epoch + 1:04}.pth"))
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps(stats) + "\n")
+            with open(os.path.join(args.output_dir, "log.txt")) as f:  # the whole run, resumed parts included
+                koleo_proto.plot_training([json.loads(line) for line in f], args.out_dim,
+                                          os.path.join(args.output_dir, "unique_prototypes.png"),
+                                          f"ibot.py --data {args.data}" + (f" --koleo {args.koleo}" if args.koleo else ""))
             patch = f" (patch {stats['unique_prototypes_patch']}/{args.patch_out_dim})" if "unique_prototypes_patch" in stats else ""
             say(f"epoch {epoch + 1}/{args.epochs}  loss {stats['loss']:.4f} (cls {stats['loss_cls']:.4f}, patch "
                 f"{stats['loss_patch']:.4f})  unique prototypes {stats['unique_prototypes']}/{args.out_dim}{patch}  "

@@ -13,6 +13,7 @@ shortcut to a uniform marginal over clusters that learns no finer clusters. This
 2. count_unique_prototypes, prototype_groups, unique_prototype_curve,
    nearest_neighbor_distances: measure the collapse (unique prototypes at eps = 0.025).
 3. assignment_histogram, usage_stats: measure how evenly the data uses the prototypes.
+4. collapse_stats, plot_training: the same figures epoch by epoch, and their plot.
 Pairwise work runs in row chunks: for K = 65536 a K x K similarity matrix would take 17 GB.
 """
 
@@ -313,3 +314,51 @@ def usage_stats(histogram):
     top = h.topk(max(1, len(h) // 100)).values.sum() / h.sum()
     return {"used": int((h > 0).sum()), "entropy": entropy,
             "perplexity": math.exp(entropy), "top1pct_mass": float(top)}
+
+
+# -----------------------------------------------------------------------------
+# 4. collapse over training
+
+TRAINING_EPS = (0.025, 0.1, 0.3)  # the paper's threshold, and two looser ones that show the drift first
+
+
+@torch.no_grad()
+def collapse_stats(prototypes, suffix=""):
+    """Per-epoch collapse figures of a (K, D) prototype matrix for a training log: unique
+    prototypes at eps = 0.025 (key 'unique_prototypes'), at 0.1 and 0.3 (prototypes moving
+    together show there before they are counted as copies), and the KoLeo value."""
+    curve = dict(unique_prototype_curve(prototypes, TRAINING_EPS))
+    stats = {"unique_prototypes" + suffix: curve[0.025], "koleo" + suffix: koleo_proto_loss(prototypes).item()}
+    stats.update({f"unique_prototypes{suffix}_eps{e}": curve[e] for e in TRAINING_EPS[1:]})
+    return stats
+
+
+def plot_training(log, num_prototypes, path, title=""):
+    """PNG of the collapse over training from a list of per-epoch log dicts (log.txt lines):
+    unique prototypes at each eps of TRAINING_EPS (and of a patch head, keys ending in _patch),
+    and how many prototypes the teacher's argmax used on the training data."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    epochs = [e["epoch"] for e in log]
+    fig, ax = plt.subplots(1, 2, figsize=(9.5, 3.6))
+    for suffix, style in (("", "-"), ("_patch", "--")):
+        for eps, marker in zip(TRAINING_EPS, "os^"):
+            key = "unique_prototypes" + suffix + ("" if eps == TRAINING_EPS[0] else f"_eps{eps}")
+            if key in log[-1]:
+                ax[0].plot(epochs, [e.get(key) for e in log], style + marker, ms=4,
+                           label=f"{'patch head' if suffix else 'head'}, eps {eps}")
+    ax[0].set_ylim(0, 1.05 * num_prototypes)  # collapse shows as a drop from K
+    ax[0].set(xlabel="epoch", ylabel="unique prototypes", title=f"unique prototypes (K = {num_prototypes})")
+    ax[0].legend(fontsize=7)
+    if "usage_used" in log[-1]:
+        ax[1].plot(epochs, [e["usage_used"] for e in log], "o-", ms=4, label="used (argmax at least once)")
+        ax[1].plot(epochs, [e["usage_perplexity"] for e in log], "s-", ms=4, label="perplexity of the usage")
+        ax[1].set_yscale("log")
+        ax[1].legend(fontsize=7)
+    ax[1].set(xlabel="epoch", ylabel="prototypes", title="teacher's use of the prototypes")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -200,7 +200,8 @@ def test_training_steps_lower_the_loss():
 def test_training_run_writes_official_checkpoint(tmp_path):
     log = train(tmp_path, "--epochs", "2", "--freeze_last_layer", "0", "--koleo", "0.1")
     assert all(math.isfinite(e["loss"]) for e in log) and len(log) == 2
-    assert {"loss", "lr", "teacher_entropy", "unique_prototypes", "koleo", "images_per_s"} <= set(log[0])
+    assert {"loss", "lr", "teacher_entropy", "unique_prototypes", "unique_prototypes_eps0.1", "koleo", "images_per_s"} <= set(log[0])
+    assert (tmp_path / "unique_prototypes.png").exists()
     ckpt = dino.load_checkpoint(str(tmp_path / "checkpoint.pth"))
     assert {"student", "teacher", "optimizer", "epoch", "args", "dino_loss"} <= set(ckpt)
     assert ckpt["epoch"] == 2 and "center" in ckpt["dino_loss"]

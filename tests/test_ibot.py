@@ -286,6 +286,7 @@ def test_training_run_writes_official_checkpoint(separate_run, shared_run):
     assert {"loss", "loss_cls", "loss_patch", "unique_prototypes", "unique_prototypes_patch", "koleo",
             "koleo_train", "lr", "teacher_entropy"} <= set(log[0])
     assert log[0]["loss"] == pytest.approx(log[0]["loss_cls"] + log[0]["loss_patch"], rel=1e-5)
+    assert "unique_prototypes_patch_eps0.3" in log[0] and (out / "unique_prototypes.png").exists()
     ckpt = ibot.load_checkpoint(str(out / "checkpoint.pth"))
     assert {"student", "teacher", "optimizer", "epoch", "args", "ibot_loss"} <= set(ckpt)
     assert ckpt["epoch"] == 1 and ckpt["args"].shared_head is False

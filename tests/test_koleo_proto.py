@@ -255,3 +255,16 @@ def test_usage_stats_on_planted_histogram():
     uniform = kp.usage_stats(torch.ones(50))
     assert uniform["entropy"] == pytest.approx(math.log(50))
     assert uniform["top1pct_mass"] == pytest.approx(1 / 50)  # at least one prototype
+
+
+def test_collapse_stats_and_training_plot(tmp_path):
+    """Per-epoch figures see 10 planted directions at every eps; the plot of a short log is written."""
+    g = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(10, 32, generator=g), dim=1)
+    w = centres.repeat(6, 1) + 1e-4 * torch.randn(60, 32, generator=g)
+    stats = kp.collapse_stats(w, "_patch")
+    assert stats["unique_prototypes_patch"] == stats["unique_prototypes_patch_eps0.1"] == 10
+    assert stats["unique_prototypes_patch_eps0.3"] == 10 and math.isfinite(stats["koleo_patch"])
+    log = [dict(epoch=e, usage_used=5, usage_perplexity=3.0, **kp.collapse_stats(w)) for e in (1, 2)]
+    kp.plot_training(log, 60, str(tmp_path / "u.png"), "title")
+    assert (tmp_path / "u.png").stat().st_size > 1000

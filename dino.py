@@ -1043,7 +1043,7 @@ def evaluate(args, teacher, train_set, indices, device, amp_dtype, mean, std, sa
     top1, top5 = knn_classifier(train_feats, train_labels, test_feats, test_labels, 20, 0.07, num_classes)
     raw1 = knn_classifier(*train_pixels, train_labels, *test_pixels, test_labels, 20, 0.07, num_classes)[0] if pixels else None
     say(f"kNN top-1 (k=20, T=0.07, teacher CLS): {top1:.2f}%  (top-5 {top5:.2f}%)")
-    say(f"raw-pixel kNN top-1 on the same split: " + (f"{raw1:.2f}%" if pixels else "skipped (over 200k images)"))
+    say("raw-pixel kNN top-1 on the same split: " + (f"{raw1:.2f}%" if pixels else "skipped (over 200k images)"))
     return dict(knn_top1=top1, knn_top5=top5, raw_pixel_knn_top1=raw1)
 
 

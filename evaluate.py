@@ -25,7 +25,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 
 import numpy as np

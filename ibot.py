@@ -654,16 +654,18 @@ class iBOTHead(nn.Module):
         """(B, D) [CLS] features -> (B, K) logits; (B, 1 + N, D) tokens -> ((B, K), (B, N, K2)).
         With patch_mask (B, N), only those patch tokens are scored and the other patch logits are 0:
         the patch loss reads masked tokens only, so the student skips most of the head's work and
-        the loss and gradients stay exactly those of scoring every token."""
+        the loss and gradients stay exactly those of scoring every token. Pass the mask on the CPU
+        (as the data loader makes it): finding its tokens there needs no wait for the GPU."""
         if x.ndim == 2:
             return self.last_layer(self.project(x))
         if patch_mask is None:
             x = self.project(x)
             return self.last_layer(x[:, 0]), self.last_layer2(x[:, 1:])
         B = len(x)
-        y = self.project(torch.cat([x[:, 0], x[:, 1:][patch_mask]]))  # (B + masked tokens, bottleneck)
+        rows, cols = (i.to(x.device, non_blocking=True) for i in patch_mask.nonzero(as_tuple=True))
+        y = self.project(torch.cat([x[:, 0], x[:, 1:][rows, cols]]))  # (B + masked tokens, bottleneck)
         scored = self.last_layer2(y[B:])  # (masked tokens, K2)
-        patch = scored.new_zeros(*patch_mask.shape, scored.shape[-1]).masked_scatter(patch_mask[..., None], scored)
+        patch = scored.new_zeros(*patch_mask.shape, scored.shape[-1]).index_put((rows, cols), scored)
         return self.last_layer(y[:B]), patch
 
     def prototype_layers(self):
@@ -1040,10 +1042,10 @@ def train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader, op
             if j == 0:  # only the regularized group decays
                 group["weight_decay"] = float(wd_schedule[it])
         crops = [c.to(device, non_blocking=True) for c in crops]
-        masks = [m.to(device, non_blocking=True) for m in masks]  # G x (B, h, w)
+        masks_cpu, masks = masks, [m.to(device, non_blocking=True) for m in masks]  # G x (B, h, w)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             teacher_output = teacher(crops[:G])  # whole global crops: ((G*B, K), (G*B, N, K2))
-            student_output = student(crops[:G], mask=masks if args.use_masked_im_modeling else None, patch_mask=masks)
+            student_output = student(crops[:G], mask=masks if args.use_masked_im_modeling else None, patch_mask=masks_cpu)
             # local crops only feed the [CLS] term: no patch tokens through the head
             student_local_cls = student(crops[G:], return_all_tokens=False) if len(crops) > G else None
             norms = vmf_norms(student_without_ddp, teacher) if args.vmf else None
@@ -1268,7 +1270,7 @@ def evaluate(args, teacher, train_set, indices, device, amp_dtype, mean, std, sa
     top1, top5 = knn_classifier(train_feats, train_labels, test_feats, test_labels, 20, 0.07, num_classes)
     raw1 = knn_classifier(*train_pixels, train_labels, *test_pixels, test_labels, 20, 0.07, num_classes)[0] if pixels else None
     say(f"kNN top-1 (k=20, T=0.07, teacher CLS): {top1:.2f}%  (top-5 {top5:.2f}%)")
-    say(f"raw-pixel kNN top-1 on the same split: " + (f"{raw1:.2f}%" if pixels else "skipped (over 200k images)"))
+    say("raw-pixel kNN top-1 on the same split: " + (f"{raw1:.2f}%" if pixels else "skipped (over 200k images)"))
     return dict(knn_top1=top1, knn_top5=top5, raw_pixel_knn_top1=raw1)
 
 

@@ -211,22 +211,27 @@ def main():
     args = p.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)  # official uses nn.utils.weight_norm
     dino, ovt, outils, ODINOLoss = import_both(args.official_repo)
+    run_checks([lambda: check_vit(dino, ovt, "vit_small", ((224, 224), (96, 96), (160, 224))),
+                lambda: check_vit(dino, ovt, "vit_base", ((224, 224),)),
+                lambda: check_vit(dino, ovt, "vit_tiny", ((224, 224),)),
+                lambda: check_heads(dino, ovt),
+                lambda: check_loss(dino, ODINOLoss),
+                lambda: check_knn(dino, os.path.abspath(args.official_repo)),
+                lambda: check_speed(dino, ovt, outils, args.steps, args.max_speed_ratio)], args.official_repo)
+
+
+def run_checks(checks, official_repo):
+    """Run each check in a one-process gloo group (the official losses all-reduce their centres);
+    a crash in one is reported and the others still run. Exits 1 unless every check passed."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, official code: {os.path.abspath(args.official_repo)}")
-    checks = [lambda: check_vit(dino, ovt, "vit_small", ((224, 224), (96, 96), (160, 224))),
-              lambda: check_vit(dino, ovt, "vit_base", ((224, 224),)),
-              lambda: check_vit(dino, ovt, "vit_tiny", ((224, 224),)),
-              lambda: check_heads(dino, ovt),
-              lambda: check_loss(dino, ODINOLoss),
-              lambda: check_knn(dino, os.path.abspath(args.official_repo)),
-              lambda: check_speed(dino, ovt, outils, args.steps, args.max_speed_ratio)]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, official code: {os.path.abspath(official_repo)}")
     for i, check in enumerate(checks):
         try:
             check()
-        except Exception as e:  # a crash in one check is reported, the others still run
+        except Exception as e:
             report(f"check #{i + 1} crashed", False, f"{type(e).__name__}: {' '.join(str(e).split())[:400]}")
     dist.destroy_process_group()
     print(f"{sum(RESULTS)}/{len(RESULTS)} checks passed")

@@ -31,7 +31,6 @@ import ast
 import math
 import os
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -47,14 +46,14 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare_official import RESULTS, load_both_ways, max_diff, randomize, report  # noqa: E402 (the DINO comparison's helpers)
+from compare_official import load_both_ways, max_diff, randomize, report, run_checks  # noqa: E402 (the DINO comparison's helpers)
 
 
 def stand_in_timm():
     """Register a minimal timm if it is missing: the official models import register_model (a
     decorator) and Swin's layers at import time only."""
     try:
-        import timm  # noqa: F401
+        import timm  # noqa: F401 (only whether it is installed)
         return
     except ImportError:
         pass
@@ -64,9 +63,9 @@ def stand_in_timm():
     registry.register_model = lambda f: f
     timm_models = types.ModuleType("timm.models")
     timm_models.layers, timm_models.registry = layers, registry
-    timm = types.ModuleType("timm")
-    timm.models = timm_models
-    sys.modules.update({"timm": timm, "timm.models": timm_models, "timm.models.layers": layers,
+    package = types.ModuleType("timm")
+    package.models = timm_models
+    sys.modules.update({"timm": package, "timm.models": timm_models, "timm.models.layers": layers,
                         "timm.models.registry": registry})
 
 
@@ -257,23 +256,9 @@ def main():
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=SyntaxWarning)  # in the official Swin code, imported by models
     ibot, ovt, outils, OiBOTHead, OiBOTLoss, ImageFolderMask = import_both(args.official_repo)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, official code: {os.path.abspath(args.official_repo)}")
-    checks = [lambda: check_vit(ibot, ovt), lambda: check_heads(ibot, OiBOTHead), lambda: check_loss(ibot, OiBOTLoss),
-              lambda: check_masks(ibot, ImageFolderMask),
-              lambda: check_speed(ibot, ovt, outils, OiBOTHead, OiBOTLoss, args.steps)]
-    for i, check in enumerate(checks):
-        try:
-            check()
-        except Exception as e:  # a crash in one check is reported, the others still run
-            report(f"check #{i + 1} crashed", False, f"{type(e).__name__}: {' '.join(str(e).split())[:400]}")
-    dist.destroy_process_group()
-    print(f"{sum(RESULTS)}/{len(RESULTS)} checks passed")
-    sys.exit(0 if RESULTS and all(RESULTS) else 1)
-
+    run_checks([lambda: check_vit(ibot, ovt), lambda: check_heads(ibot, OiBOTHead), lambda: check_loss(ibot, OiBOTLoss),
+                lambda: check_masks(ibot, ImageFolderMask),
+                lambda: check_speed(ibot, ovt, outils, OiBOTHead, OiBOTLoss, args.steps)], args.official_repo)
 
 if __name__ == "__main__":
     main()

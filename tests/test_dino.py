@@ -1,5 +1,4 @@
 """Tests of dino.py on CPU: each builds tiny models and trains for a few steps on the bundled data."""
-import hashlib
 import json
 import math
 import os
@@ -13,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import dino
+from helpers import assert_one_line_error, sha
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A configuration small enough for seconds per run: 16 tokens per global crop, 64 prototypes.
@@ -30,10 +30,6 @@ def run_script(*args, cwd=ROOT):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, os.path.join(ROOT, "dino.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
-
-
-def sha(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -249,14 +245,6 @@ def test_torchrun_two_processes(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- bad input
-def assert_one_line_error(result, *words):
-    assert result.returncode != 0
-    lines = [l for l in result.stderr.replace("\r", "\n").splitlines() if l.strip() and "%|" not in l]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    for w in words:
-        assert w in lines[0], lines[0]
-
-
 def make_folder(root, corrupt=False):
     from PIL import Image
     for split in ("train", "val"):

@@ -1,5 +1,4 @@
 """Tests of ibot.py on CPU: hand-computed losses, masks, model layout, and tiny training runs on the bundled data."""
-import hashlib
 import json
 import math
 import os
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 import dino
 import evaluate
 import ibot
+from helpers import assert_one_line_error, sha
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A configuration small enough for seconds per run: 16 tokens per global crop, 64 prototypes per head.
@@ -35,18 +35,6 @@ def run_script(*args, cwd=ROOT):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, os.path.join(ROOT, "ibot.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
-
-
-def sha(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
-
-
-def assert_one_line_error(result, *words):
-    assert result.returncode != 0
-    lines = [l for l in result.stderr.replace("\r", "\n").splitlines() if l.strip() and "%|" not in l]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def loss_inputs(seed=0, B=2, G=2, L=1, h=2, w=3, K=10, K2=12):

@@ -1,4 +1,4 @@
-"""Helpers shared by the script tests (test_dino.py, test_ibot.py)."""
+"""Helpers shared by the tests of the scripts (test_dino.py, test_ibot.py, test_evaluate.py)."""
 import hashlib
 
 
@@ -14,3 +14,20 @@ def assert_one_line_error(result, *words):
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     for w in words:
         assert w in lines[0], lines[0]
+
+
+def malicious_checkpoint(folder):
+    """(path, marker): a .pth whose pickle would create the file marker when unpickled unsafely."""
+    import os
+
+    import torch
+
+    marker = os.path.join(folder, "pwned")
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = os.path.join(folder, "evil.pth")
+    torch.save({"teacher": Evil()}, path)
+    return path, marker

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import dino
-from helpers import assert_one_line_error, sha
+from helpers import assert_one_line_error, malicious_checkpoint, sha
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A configuration small enough for seconds per run: 16 tokens per global crop, 64 prototypes.
@@ -301,12 +301,7 @@ def test_bad_resume_files_leave_checkpoint_intact(tmp_path):
 
 
 def test_malicious_pickle_is_refused(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {tmp_path / 'pwned'}",))
-
-    path = tmp_path / "evil.pth"
-    torch.save({"teacher": Evil()}, path)
+    path, marker = malicious_checkpoint(tmp_path)
     with pytest.raises(dino.BadInput):
         dino.load_checkpoint(str(path))
-    assert not (tmp_path / "pwned").exists()
+    assert not os.path.exists(marker)

@@ -15,6 +15,7 @@ from PIL import Image
 
 import dino
 import evaluate
+from helpers import malicious_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -267,15 +268,10 @@ def test_audit_finds_planted_unique_prototypes_cli(tmp_path):
 
 
 def test_malicious_pickle_is_refused_cli(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {tmp_path / 'pwned'}",))
-
-    path = tmp_path / "evil.pth"
-    torch.save({"teacher": Evil()}, path)
+    path, marker = malicious_checkpoint(tmp_path)
     out = run_cli("--checkpoint", str(path), "--prototypes")
     assert_one_line_error(out.returncode, out.stderr, "evil.pth", "not a checkpoint torch can load safely")
-    assert not (tmp_path / "pwned").exists()
+    assert not os.path.exists(marker)
 
 
 # ----------------------------------------------------------------------------------- end to end

@@ -9,7 +9,7 @@ move together. Two forces can do it:
 Neither can act if the bottleneck features y do not spread (they then span a few directions, and
 the prototypes' other coordinates get no gradient) or if the gradients are noise (AdamW then turns
 them into a random walk of the same size in every coordinate). For each checkpoint this prints:
-  features    |mean y|: resultant length of the teacher's L2-normalized bottleneck outputs on the
+  features    ‖mean y‖: resultant length of the teacher's L2-normalized bottleneck outputs on the
               evaluation images (1 = all the same direction); PR: participation ratio of their
               covariance (the effective number of directions they vary in)
   teacher     entropy of its centred, sharpened targets (ln K = uniform), entropy of the targets'
@@ -126,7 +126,7 @@ def main(argv=None):
         row.update(gradient_stats(args, student, teacher, loss, epoch, batches, marginal >= 1.0 / args.out_dim))
         rows.append(dict(checkpoint=path, epoch=epoch, K=args.out_dim, **row))
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| checkpoint | epoch | |mean y| | PR | teacher H | marginal H | argmax used | unique .025/.1/.3 "
+    print("\n| checkpoint | epoch | ‖mean y‖ | PR | teacher H | marginal H | argmax used | unique .025/.1/.3 "
           "| KoLeo | cos(w, mean y) | SNR picked | SNR others | noise | others aligned |")
     print("|---" * 14 + "|")
     for r in rows:

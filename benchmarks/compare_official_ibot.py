@@ -260,5 +260,6 @@ def main():
                 lambda: check_masks(ibot, ImageFolderMask),
                 lambda: check_speed(ibot, ovt, outils, OiBOTHead, OiBOTLoss, args.steps)], args.official_repo)
 
+
 if __name__ == "__main__":
     main()

@@ -74,7 +74,7 @@ def feature_and_teacher_stats(args, teacher, loss, epoch, images):
     return {"mean_resultant": mean.norm().item(), "participation_ratio": (eig.sum() ** 2 / (eig ** 2).sum()).item(),
             "teacher_entropy": -(q * torch.log(q + 1e-12)).sum(dim=1).mean().item(),
             "marginal_entropy": -(marginal * torch.log(marginal + 1e-12)).sum().item(),
-            "argmax_used": int((q.argmax(dim=1).bincount(minlength=args.out_dim) > 0).sum()),
+            "argmax_used": koleo_proto.usage_stats(koleo_proto.assignment_histogram(q))["used"],
             "unique": [curve[0.025], curve[0.1], curve[0.3]], "koleo": koleo_proto.koleo_proto_loss(w).item(),
             "cos_prototype_mean_feature": (F.normalize(w, dim=1) @ F.normalize(mean, dim=0)).mean().item()}, marginal
 

@@ -54,7 +54,7 @@ class BadInput(Exception):
 OFFICIAL = dict(
     arch="vit_small", patch_size=16, out_dim=65536, norm_last_layer=True, use_bn_in_head=False,
     momentum_teacher=0.996, warmup_teacher_temp=0.04, teacher_temp=0.04, warmup_teacher_temp_epochs=0,
-    weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0, batch_size_per_gpu=64, epochs=100,
+    weight_decay=0.04, weight_decay_end=0.4, weight_decay_last_layer=None, clip_grad=3.0, batch_size_per_gpu=64, epochs=100,
     freeze_last_layer=1, lr=0.0005, warmup_epochs=10, min_lr=1e-6, optimizer="adamw",
     drop_path_rate=0.1, global_crops_scale=(0.4, 1.0), local_crops_number=8,
     local_crops_scale=(0.05, 0.4), global_crops_size=224, local_crops_size=96, bottleneck_dim=256,
@@ -124,6 +124,8 @@ def get_args_parser():
     preset("warmup_teacher_temp_epochs", "epochs of linear teacher-temperature warm-up", type=int)
     preset("weight_decay", "initial weight decay, cosine to --weight_decay_end", type=float)
     preset("weight_decay_end", "final weight decay", type=float)
+    preset("weight_decay_last_layer", "constant weight decay of the prototypes instead of the schedule above "
+           "(None = the schedule, as the official code)", type=float)
     preset("clip_grad", "max gradient norm per parameter tensor (0 = off)", type=float)
     preset("batch_size_per_gpu", "images per process and step (each gives 2 + local_crops_number crops)", type=int)
     preset("epochs", "training epochs", type=int)
@@ -165,7 +167,7 @@ def parse_args(argv=None):
             setattr(args, name, preset.get(name, official))
     if args.vmf:
         args.norm_last_layer = False  # vMF components need free norms: kappa_k = ||w_k|| / tau
-    args.output_dir = args.output_dir or os.path.join("runs", f"dino-{args.data}")
+    args.output_dir = args.output_dir or os.path.join("runs", f"dino-{args.preset or args.data}")
     check_args(args)
     return args
 
@@ -661,13 +663,19 @@ def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epoch
     return np.concatenate((warmup, cosine))
 
 
-def get_params_groups(model):
-    """No weight decay on biases and norm parameters (1-D tensors), as the official code."""
-    regularized, not_regularized = [], []
+def get_params_groups(model, weight_decay_last_layer=None):
+    """No weight decay on biases and norm parameters (1-D tensors), as the official code; with
+    weight_decay_last_layer, the prototypes' weights form a third group with that decay."""
+    regularized, not_regularized, prototypes = [], [], []
     for name, param in model.named_parameters():
-        if param.requires_grad:
-            (not_regularized if name.endswith(".bias") or param.ndim == 1 else regularized).append(param)
-    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+        if not param.requires_grad:
+            continue
+        if name.endswith(".bias") or param.ndim == 1:
+            not_regularized.append(param)
+        else:
+            (prototypes if weight_decay_last_layer is not None and "last_layer" in name else regularized).append(param)
+    groups = [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+    return groups + ([{"params": prototypes, "weight_decay": weight_decay_last_layer}] if prototypes else [])
 
 
 def clip_gradients(model, clip):
@@ -835,8 +843,10 @@ def train_one_epoch(student, teacher, student_without_ddp, dino_loss, loader, op
         it = len(loader) * epoch + i  # global step: the schedules are per iteration
         for j, group in enumerate(optimizer.param_groups):
             group["lr"] = float(lr_schedule[it])  # Python floats: numpy scalars cannot be loaded safely
-            if j == 0:  # only the regularized group decays
+            if j == 0:  # the regularized group follows the schedule, the prototypes' own group keeps its decay
                 group["weight_decay"] = float(wd_schedule[it])
+            elif j == 2:
+                group["weight_decay"] = args.weight_decay_last_layer
         crops = [c.to(device, non_blocking=True) for c in crops]
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             teacher_output = teacher(crops[:2])  # only the 2 global views go through the teacher
@@ -947,7 +957,7 @@ def main(argv=None):
     dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp, args.teacher_temp,
                          args.warmup_teacher_temp_epochs, args.epochs,
                          vmf_dim=args.bottleneck_dim if args.vmf else None).to(device)
-    params = get_params_groups(student_without_ddp)
+    params = get_params_groups(student_without_ddp, args.weight_decay_last_layer)
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, fused=device.type == "cuda")
     else:
@@ -968,8 +978,16 @@ def main(argv=None):
         start_epoch, seconds = restore(load_checkpoint(resume), resume, args, student_without_ddp, teacher,
                                        optimizer, dino_loss, scaler)
         say(f"resumed from {resume} at epoch {start_epoch}")
+    log_path = os.path.join(args.output_dir, "log.txt")
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
+        old_log = os.path.join(os.path.dirname(resume or ""), "log.txt")
+        if resume and not os.path.exists(log_path) and os.path.isfile(old_log):
+            # a run continued in a new output_dir keeps its checkpoint's history, in the log and the plot
+            with open(old_log) as f:
+                history = [line for line in f if line.strip() and json.loads(line)["epoch"] <= start_epoch]
+            with open(log_path, "w") as f:
+                f.writelines(history)
 
     # ---- training
     for epoch in range(start_epoch, args.epochs):
@@ -996,9 +1014,9 @@ def main(argv=None):
             save_checkpoint(state, ckpt_path)
             if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
                 save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint{epoch + 1:04}.pth"))
-            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+            with open(log_path, "a") as f:
                 f.write(json.dumps(stats) + "\n")
-            with open(os.path.join(args.output_dir, "log.txt")) as f:  # the whole run, resumed parts included
+            with open(log_path) as f:  # the whole run, resumed parts included
                 koleo_proto.plot_training([json.loads(line) for line in f], args.out_dim,
                                           os.path.join(args.output_dir, "unique_prototypes.png"),
                                           f"dino.py --data {args.data}" + (f" --koleo {args.koleo}" if args.koleo else ""))

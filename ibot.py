@@ -196,7 +196,7 @@ def parse_args(argv=None):
         args.patch_out_dim = args.out_dim  # one set of prototypes serves both tokens on one side
     if len(args.pred_ratio_var) == 1:
         args.pred_ratio_var = args.pred_ratio_var * len(args.pred_ratio)
-    args.output_dir = args.output_dir or os.path.join("runs", f"ibot-{args.data}")
+    args.output_dir = args.output_dir or os.path.join("runs", f"ibot-{args.preset or args.data}")
     check_args(args)
     return args
 
@@ -1188,8 +1188,16 @@ def main(argv=None):
         start_epoch, seconds = restore(load_checkpoint(resume), resume, args, student_without_ddp, teacher,
                                        optimizer, ibot_loss, scaler)
         say(f"resumed from {resume} at epoch {start_epoch}")
+    log_path = os.path.join(args.output_dir, "log.txt")
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
+        old_log = os.path.join(os.path.dirname(resume or ""), "log.txt")
+        if resume and not os.path.exists(log_path) and os.path.isfile(old_log):
+            # a run continued in a new output_dir keeps its checkpoint's history, in the log and the plot
+            with open(old_log) as f:
+                history = [line for line in f if line.strip() and json.loads(line)["epoch"] <= start_epoch]
+            with open(log_path, "w") as f:
+                f.writelines(history)
 
     # ---- training
     for epoch in range(start_epoch, args.epochs):
@@ -1217,9 +1225,9 @@ def main(argv=None):
             save_checkpoint(state, ckpt_path)
             if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
                 save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint{epoch + 1:04}.pth"))
-            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+            with open(log_path, "a") as f:
                 f.write(json.dumps(stats) + "\n")
-            with open(os.path.join(args.output_dir, "log.txt")) as f:  # the whole run, resumed parts included
+            with open(log_path) as f:  # the whole run, resumed parts included
                 koleo_proto.plot_training([json.loads(line) for line in f], args.out_dim,
                                           os.path.join(args.output_dir, "unique_prototypes.png"),
                                           f"ibot.py --data {args.data}" + (f" --koleo {args.koleo}" if args.koleo else ""))

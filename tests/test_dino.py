@@ -193,6 +193,22 @@ def test_training_steps_lower_the_loss():
 
 
 
+def test_weight_decay_last_layer_is_a_separate_constant(tmp_path):
+    """--weight_decay_last_layer gives the prototypes their own group; the rest keeps the schedule."""
+    train(tmp_path, "--epochs", "1", "--freeze_last_layer", "0", "--weight_decay_last_layer", "0.5")
+    ckpt = dino.load_checkpoint(str(tmp_path / "checkpoint.pth"))
+    groups = ckpt["optimizer"]["param_groups"]
+    assert len(groups) == 3 and len(groups[2]["params"]) == 1 and groups[2]["weight_decay"] == 0.5
+    assert 0.04 <= groups[0]["weight_decay"] <= 0.4 and groups[1]["weight_decay"] == 0.0  # the schedule, no decay
+
+
+def test_a_preset_has_its_own_output_dir():
+    """--preset picks the default output_dir too, so a run never resumes another preset's checkpoint."""
+    args = dino.parse_args(["--preset", "fashion-mnist-full"])
+    assert (args.data, args.out_dim, args.output_dir) == ("fashion-mnist", 4096, os.path.join("runs", "dino-fashion-mnist-full"))
+    assert dino.parse_args([]).output_dir == os.path.join("runs", "dino-fashion-mnist")
+
+
 def test_training_run_writes_official_checkpoint(tmp_path):
     log = train(tmp_path, "--epochs", "2", "--freeze_last_layer", "0", "--koleo", "0.1")
     assert all(math.isfinite(e["loss"]) for e in log) and len(log) == 2
@@ -218,13 +234,16 @@ def test_resume_continues_exactly(tmp_path):
     train(a, "--saveckp_freq", "1")
     b.mkdir()
     shutil.copy(a / "checkpoint0001.pth", b / "checkpoint.pth")  # as if run a had stopped after epoch 1
-    train(b)
+    assert [e["epoch"] for e in train(b)] == [2]
+    # continued in a new output_dir: same result, and the log (so the plot) starts with run a's epoch 1
+    c = tmp_path / "c"
+    assert [e["epoch"] for e in train(c, "--resume", str(a / "checkpoint0001.pth"))] == [1, 2]
     final_a = dino.load_checkpoint(str(a / "checkpoint.pth"))
-    final_b = dino.load_checkpoint(str(b / "checkpoint.pth"))
-    for part in ("teacher", "student"):
-        for k, v in final_a[part].items():
-            assert torch.equal(v, final_b[part][k]), (part, k)
-    assert torch.equal(final_a["dino_loss"]["center"], final_b["dino_loss"]["center"])
+    for final in (dino.load_checkpoint(str(b / "checkpoint.pth")), dino.load_checkpoint(str(c / "checkpoint.pth"))):
+        for part in ("teacher", "student"):
+            for k, v in final_a[part].items():
+                assert torch.equal(v, final[part][k]), (part, k)
+        assert torch.equal(final_a["dino_loss"]["center"], final["dino_loss"]["center"])
 
 
 def test_vmf_trains(tmp_path):

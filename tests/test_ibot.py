@@ -312,9 +312,13 @@ def test_resume_continues_exactly(tmp_path, shared_run, workers):
         a, extra = tmp_path / "a", SHARED + ["--num_workers", workers]
         train(a, *extra)
     b = tmp_path / "b"
-    b.mkdir()
-    shutil.copy(a / "checkpoint0001.pth", b / "checkpoint.pth")  # as if run a had stopped after epoch 1
-    assert [e["epoch"] for e in train(b, *extra)] == [2]  # resumed, not restarted
+    if workers == "0":
+        b.mkdir()
+        shutil.copy(a / "checkpoint0001.pth", b / "checkpoint.pth")  # as if run a had stopped after epoch 1
+        resume, epochs = [], [2]  # resumed, not restarted
+    else:  # continued in a new output_dir: its log (so its plot) starts with run a's epoch 1
+        resume, epochs = ["--resume", str(a / "checkpoint0001.pth")], [1, 2]
+    assert [e["epoch"] for e in train(b, *extra, *resume)] == epochs
     final_a = ibot.load_checkpoint(str(a / "checkpoint.pth"))
     final_b = ibot.load_checkpoint(str(b / "checkpoint.pth"))
     assert final_b["epoch"] == 2

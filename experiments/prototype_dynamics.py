@@ -21,6 +21,11 @@ them into a random walk of the same size in every coordinate). For each checkpoi
               others: per-coordinate |mean g| / std g (pure noise gives about 0.8 / sqrt(batches));
               and for the others the resultant length of their unit mean gradients (1 = all are
               pushed the same way: mechanism 2)
+  optimizer   from the checkpoint's AdamW state: the mean per-coordinate size of its last step on
+              the prototypes, in units of the learning rate (|m_hat| / sqrt(v_hat); 1 = a steady
+              gradient moved at full speed), for the picked prototypes and the others. Far below 1
+              means the gradient has shrunk below what AdamW's second moment (beta2 = 0.999, a
+              memory of ~1,000 steps) remembers: the motion is paced by that memory, not by the lr
 Runs:
   python experiments/prototype_dynamics.py runs/dino-fashion-mnist/checkpoint0001.pth runs/dino-fashion-mnist/checkpoint.pth
 """
@@ -48,7 +53,24 @@ def load(path):
     loss = dino.DINOLoss(args.out_dim, 2 + args.local_crops_number, args.warmup_teacher_temp, args.teacher_temp,
                          args.warmup_teacher_temp_epochs, args.epochs, vmf_dim=args.bottleneck_dim if args.vmf else None)
     loss.load_state_dict(ckpt["dino_loss"])
-    return args, student.eval(), teacher.eval(), loss, ckpt["epoch"]
+    return args, student.eval(), teacher.eval(), loss, ckpt["epoch"], ckpt.get("optimizer")
+
+
+def adam_step_stats(args, student, optimizer_state, picked):
+    """Size of AdamW's last step on the prototypes per coordinate, in units of the lr (weight decay aside)."""
+    groups = dino.get_params_groups(student, getattr(args, "weight_decay_last_layer", None))
+    params = [q for group in groups for q in group["params"]]  # the optimizer's order
+    index = next(i for i, q in enumerate(params) if q is student.head.last_layer.weight_v)
+    state = (optimizer_state or {}).get("state", {}).get(index)
+    if not state or "exp_avg_sq" not in state:  # SGD, or no step taken yet
+        return {"adam_step_picked": math.nan, "adam_step_others": math.nan}
+    group = next(g for g in optimizer_state["param_groups"] if index in g["params"])
+    (beta1, beta2), step = group["betas"], float(state["step"])
+    m_hat = state["exp_avg"] / (1 - beta1 ** step)
+    v_hat = state["exp_avg_sq"] / (1 - beta2 ** step)
+    size = (m_hat.abs() / (v_hat.sqrt() + group["eps"])).mean(dim=1)  # (K,)
+    return {"adam_step_picked": size[picked].mean().item() if picked.any() else math.nan,
+            "adam_step_others": size[~picked].mean().item() if (~picked).any() else math.nan}
 
 
 def norms(args, student, teacher):
@@ -110,7 +132,7 @@ def main(argv=None):
     rows = []
     for path in args_cli.checkpoints:
         torch.manual_seed(0)  # the same images and crops for every checkpoint
-        args, student, teacher, loss, epoch = load(path)
+        args, student, teacher, loss, epoch, optimizer_state = load(path)
         mean, std = dino.DATASETS[args.data]
         plain = dino.build_dataset(args, True, dino.eval_transform(args, mean, std))
         images = torch.stack([plain[i][0] for i in range(min(args_cli.images, len(plain)))])
@@ -123,17 +145,20 @@ def main(argv=None):
         for idx in order:
             views = [train[int(i)][0] for i in idx]  # each a list of 2 + local_crops_number crops
             batches.append([torch.stack(c) for c in zip(*views)])  # per crop: (B, C, H, W)
-        row.update(gradient_stats(args, student, teacher, loss, epoch, batches, marginal >= 1.0 / args.out_dim))
+        picked = marginal >= 1.0 / args.out_dim
+        row.update(gradient_stats(args, student, teacher, loss, epoch, batches, picked))
+        row.update(adam_step_stats(args, student, optimizer_state, picked))
         rows.append(dict(checkpoint=path, epoch=epoch, K=args.out_dim, **row))
         print(json.dumps(rows[-1]), flush=True)
     print("\n| checkpoint | epoch | ‖mean y‖ | PR | teacher H | marginal H | argmax used | unique .025/.1/.3 "
-          "| KoLeo | cos(w, mean y) | SNR picked | SNR others | noise | others aligned |")
-    print("|---" * 14 + "|")
+          "| KoLeo | cos(w, mean y) | SNR picked | SNR others | noise | others aligned | step picked | step others |")
+    print("|---" * 16 + "|")
     for r in rows:
         print(f"| {r['checkpoint']} | {r['epoch']} | {r['mean_resultant']:.2f} | {r['participation_ratio']:.1f} "
               f"| {r['teacher_entropy']:.2f} | {r['marginal_entropy']:.2f} | {r['argmax_used']} "
               f"| {'/'.join(map(str, r['unique']))} | {r['koleo']:.3f} | {r['cos_prototype_mean_feature']:.3f} "
-              f"| {r['snr_picked']:.2f} | {r['snr_others']:.2f} | {r['snr_noise']:.2f} | {r['others_alignment']:.2f} |")
+              f"| {r['snr_picked']:.2f} | {r['snr_others']:.2f} | {r['snr_noise']:.2f} | {r['others_alignment']:.2f} "
+              f"| {r['adam_step_picked']:.3f} | {r['adam_step_others']:.3f} |")
     if args_cli.output:
         with open(args_cli.output, "w") as f:
             json.dump(rows, f, indent=1)

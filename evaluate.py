@@ -612,7 +612,8 @@ def main(argv=None):
         for name, w in layers.items():
             a = audits[name] = audit_prototypes(w.to(device))
             rows.append((f"prototypes {name}", f"{a['unique']} / {a['prototypes']} unique at eps 0.025 ({a['unique_percent']:.1f}%), "
-                         f"{a['groups_with_copies']} groups of near copies, largest {a['largest_groups'][:5]}"))
+                         f"{a['groups_with_copies']} group{'s' * (a['groups_with_copies'] != 1)} of near copies, "
+                         f"largest {a['largest_groups'][:5]}"))
             rows.append(("  unique vs eps", "  ".join(f"{e:g}: {u}" for e, u in a["curve"])))
             rows.append(("  nearest-neighbour distance", f"median {a['nn_distance_median']:.4f}, KoLeo {a['koleo']:.3f}, "
                          f"norms {a['norm_min']:.3g} .. {a['norm_max']:.3g}"))

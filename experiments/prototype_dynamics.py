@@ -25,7 +25,9 @@ them into a random walk of the same size in every coordinate). For each checkpoi
               the prototypes, in units of the learning rate (|m_hat| / sqrt(v_hat); 1 = a steady
               gradient moved at full speed), for the picked prototypes and the others. Far below 1
               means the gradient has shrunk below what AdamW's second moment (beta2 = 0.999, a
-              memory of ~1,000 steps) remembers: the motion is paced by that memory, not by the lr
+              memory of ~1,000 steps) remembers: the motion is paced by that memory, not by the lr;
+              and the median ||weight_v|| of the student's prototypes: a step of AdamW turns a
+              prototype by about its size / ||weight_v||, so weight decay, which shrinks it, speeds them up
 Runs:
   python experiments/prototype_dynamics.py runs/dino-fashion-mnist/checkpoint0001.pth runs/dino-fashion-mnist/checkpoint.pth
 """
@@ -63,14 +65,16 @@ def adam_step_stats(args, student, optimizer_state, picked):
     index = next(i for i, q in enumerate(params) if q is student.head.last_layer.weight_v)
     state = (optimizer_state or {}).get("state", {}).get(index)
     if not state or "exp_avg_sq" not in state:  # SGD, or no step taken yet
-        return {"adam_step_picked": math.nan, "adam_step_others": math.nan}
+        return {"adam_step_picked": math.nan, "adam_step_others": math.nan,
+                "weight_v_norm": student.head.last_layer.weight_v.norm(dim=1).median().item()}
     group = next(g for g in optimizer_state["param_groups"] if index in g["params"])
     (beta1, beta2), step = group["betas"], float(state["step"])
     m_hat = state["exp_avg"] / (1 - beta1 ** step)
     v_hat = state["exp_avg_sq"] / (1 - beta2 ** step)
     size = (m_hat.abs() / (v_hat.sqrt() + group["eps"])).mean(dim=1)  # (K,)
     return {"adam_step_picked": size[picked].mean().item() if picked.any() else math.nan,
-            "adam_step_others": size[~picked].mean().item() if (~picked).any() else math.nan}
+            "adam_step_others": size[~picked].mean().item() if (~picked).any() else math.nan,
+            "weight_v_norm": student.head.last_layer.weight_v.norm(dim=1).median().item()}
 
 
 def norms(args, student, teacher):
@@ -151,14 +155,14 @@ def main(argv=None):
         rows.append(dict(checkpoint=path, epoch=epoch, K=args.out_dim, **row))
         print(json.dumps(rows[-1]), flush=True)
     print("\n| checkpoint | epoch | ‖mean y‖ | PR | teacher H | marginal H | argmax used | unique .025/.1/.3 "
-          "| KoLeo | cos(w, mean y) | SNR picked | SNR others | noise | others aligned | step picked | step others |")
-    print("|---" * 16 + "|")
+          "| KoLeo | cos(w, mean y) | SNR picked | SNR others | noise | others aligned | step picked | step others | ‖v‖ |")
+    print("|---" * 17 + "|")
     for r in rows:
         print(f"| {r['checkpoint']} | {r['epoch']} | {r['mean_resultant']:.2f} | {r['participation_ratio']:.1f} "
               f"| {r['teacher_entropy']:.2f} | {r['marginal_entropy']:.2f} | {r['argmax_used']} "
               f"| {'/'.join(map(str, r['unique']))} | {r['koleo']:.3f} | {r['cos_prototype_mean_feature']:.3f} "
               f"| {r['snr_picked']:.2f} | {r['snr_others']:.2f} | {r['snr_noise']:.2f} | {r['others_alignment']:.2f} "
-              f"| {r['adam_step_picked']:.3f} | {r['adam_step_others']:.3f} |")
+              f"| {r['adam_step_picked']:.3f} | {r['adam_step_others']:.3f} | {r['weight_v_norm']:.2f} |")
     if args_cli.output:
         with open(args_cli.output, "w") as f:
             json.dump(rows, f, indent=1)

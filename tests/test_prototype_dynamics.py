@@ -42,7 +42,7 @@ def test_dynamics_of_a_tiny_run(tiny_run, tmp_path):
     assert abs(row["snr_noise"] - (2 / 3.141592653589793) ** 0.5 / 2 ** 0.5) < 1e-9
     for key in ("snr_picked", "snr_others", "others_alignment", "koleo", "cos_prototype_mean_feature"):
         assert isinstance(row[key], float)
-    assert 0 < row["adam_step_others"] < 10  # read from the checkpoint's AdamW state (2 steps taken)
+    assert 0 < row["adam_step_others"] < 10 and row["weight_v_norm"] > 0  # the AdamW state after 2 steps
 
 
 def test_slim_checkpoint_audits_like_the_full_one(tiny_run, tmp_path):

@@ -5,8 +5,8 @@ A full checkpoint also holds the student, the optimizer state and the teacher's 
 prototypes (head.last_layer), the kNN / linear / few-shot evaluation only the backbone. The copy
 keeps those two, the run's arguments as a plain dict and its per-epoch log (log.txt next to the
 checkpoint, when there), and is written atomically. evaluate.py reads it like any checkpoint:
-  python experiments/slim_checkpoint.py runs/dino-fashion-mnist-long/checkpoint.pth checkpoints/dino-fashion-mnist-long.pth
-  python evaluate.py --checkpoint checkpoints/dino-fashion-mnist-long.pth --prototypes
+  python experiments/slim_checkpoint.py runs/dino-fashion-mnist-collapsed/checkpoint0030.pth checkpoints/dino-fashion-mnist-collapsed.pth
+  python evaluate.py --checkpoint checkpoints/dino-fashion-mnist-collapsed.pth --prototypes
 """
 import argparse
 import json

@@ -59,22 +59,27 @@ def load(path):
 
 
 def adam_step_stats(args, student, optimizer_state, picked):
-    """Size of AdamW's last step on the prototypes per coordinate, in units of the lr (weight decay aside)."""
+    """Size of AdamW's last step on the prototypes per coordinate, in units of the lr (weight decay
+    aside), and the median ||weight_v|| that step is divided by to turn a prototype."""
+    weight_v = student.head.last_layer.weight_v
+    stats = {"adam_step_picked": math.nan, "adam_step_others": math.nan,
+             "weight_v_norm": weight_v.norm(dim=1).median().item()}
     groups = dino.get_params_groups(student, getattr(args, "weight_decay_last_layer", None))
     params = [q for group in groups for q in group["params"]]  # the optimizer's order
-    index = next(i for i, q in enumerate(params) if q is student.head.last_layer.weight_v)
+    index = next(i for i, q in enumerate(params) if q is weight_v)
     state = (optimizer_state or {}).get("state", {}).get(index)
     if not state or "exp_avg_sq" not in state:  # SGD, or no step taken yet
-        return {"adam_step_picked": math.nan, "adam_step_others": math.nan,
-                "weight_v_norm": student.head.last_layer.weight_v.norm(dim=1).median().item()}
+        return stats
     group = next(g for g in optimizer_state["param_groups"] if index in g["params"])
     (beta1, beta2), step = group["betas"], float(state["step"])
     m_hat = state["exp_avg"] / (1 - beta1 ** step)
     v_hat = state["exp_avg_sq"] / (1 - beta2 ** step)
     size = (m_hat.abs() / (v_hat.sqrt() + group["eps"])).mean(dim=1)  # (K,)
-    return {"adam_step_picked": size[picked].mean().item() if picked.any() else math.nan,
-            "adam_step_others": size[~picked].mean().item() if (~picked).any() else math.nan,
-            "weight_v_norm": student.head.last_layer.weight_v.norm(dim=1).median().item()}
+    if picked.any():
+        stats["adam_step_picked"] = size[picked].mean().item()
+    if (~picked).any():
+        stats["adam_step_others"] = size[~picked].mean().item()
+    return stats
 
 
 def norms(args, student, teacher):

@@ -124,8 +124,8 @@ def get_args_parser():
     preset("warmup_teacher_temp_epochs", "epochs of linear teacher-temperature warm-up", type=int)
     preset("weight_decay", "initial weight decay, cosine to --weight_decay_end", type=float)
     preset("weight_decay_end", "final weight decay", type=float)
-    preset("weight_decay_last_layer", "constant weight decay of the prototypes instead of the schedule above "
-           "(None = the schedule, as the official code)", type=float)
+    preset("weight_decay_last_layer", "final weight decay of the prototypes alone: their own cosine from "
+           "--weight_decay to this value (None = the schedule above, as the official code)", type=float)
     preset("clip_grad", "max gradient norm per parameter tensor (0 = off)", type=float)
     preset("batch_size_per_gpu", "images per process and step (each gives 2 + local_crops_number crops)", type=int)
     preset("epochs", "training epochs", type=int)
@@ -831,7 +831,7 @@ def extract_features(model, dataset, args, device, amp_dtype, with_pixels=True):
 # ----------------------------------------------------------------------------------------------
 def train_one_epoch(student, teacher, student_without_ddp, dino_loss, loader, optimizer, schedules, epoch,
                     scaler, amp_dtype, args, device, rank):
-    lr_schedule, wd_schedule, momentum_schedule = schedules
+    lr_schedule, wd_schedule, momentum_schedule, wd_last_schedule = schedules
     student_params = [p.detach() for p in student_without_ddp.parameters()]  # views: see optimizer updates
     teacher_params = list(teacher.parameters())
     prototypes = student_without_ddp.head.last_layer
@@ -843,10 +843,10 @@ def train_one_epoch(student, teacher, student_without_ddp, dino_loss, loader, op
         it = len(loader) * epoch + i  # global step: the schedules are per iteration
         for j, group in enumerate(optimizer.param_groups):
             group["lr"] = float(lr_schedule[it])  # Python floats: numpy scalars cannot be loaded safely
-            if j == 0:  # the regularized group follows the schedule, the prototypes' own group keeps its decay
+            if j == 0:  # the regularized group follows the schedule, the prototypes' own group its own
                 group["weight_decay"] = float(wd_schedule[it])
             elif j == 2:
-                group["weight_decay"] = args.weight_decay_last_layer
+                group["weight_decay"] = float(wd_last_schedule[it])
         crops = [c.to(device, non_blocking=True) for c in crops]
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             teacher_output = teacher(crops[:2])  # only the 2 global views go through the teacher
@@ -968,7 +968,8 @@ def main(argv=None):
     total_batch = args.batch_size_per_gpu * world
     schedules = (cosine_scheduler(args.lr * total_batch / 256, args.min_lr, args.epochs, n_batches, args.warmup_epochs),
                  cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, n_batches),
-                 cosine_scheduler(args.momentum_teacher, 1, args.epochs, n_batches))
+                 cosine_scheduler(args.momentum_teacher, 1, args.epochs, n_batches),
+                 cosine_scheduler(args.weight_decay, args.weight_decay_last_layer or 0.0, args.epochs, n_batches))
 
     # ---- resume: an explicit --resume, else the run already in output_dir (nothing is overwritten)
     start_epoch, seconds = 0, 0.0

@@ -62,7 +62,7 @@ OFFICIAL = dict(
     momentum_teacher=0.996, warmup_teacher_temp=0.04, teacher_temp=0.04, warmup_teacher_patch_temp=0.04,
     teacher_patch_temp=0.07, warmup_teacher_temp_epochs=30, lambda1=1.0, lambda2=1.0,
     pred_ratio=[0.3], pred_ratio_var=[0.0], pred_aspect_ratio=(0.3, 1 / 0.3), pred_shape="block", pred_start_epoch=0,
-    weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0, batch_size_per_gpu=128, epochs=100,
+    weight_decay=0.04, weight_decay_end=0.4, weight_decay_last_layer=None, clip_grad=3.0, batch_size_per_gpu=128, epochs=100,
     freeze_last_layer=1, lr=0.0005, warmup_epochs=10, min_lr=1e-6, optimizer="adamw", drop_path=0.1,
     global_crops_number=2, global_crops_scale=(0.14, 1.0), local_crops_number=0, local_crops_scale=(0.05, 0.4),
     global_crops_size=224, local_crops_size=96, bottleneck_dim=256, saveckp_freq=40, num_workers=10)
@@ -147,6 +147,8 @@ def get_args_parser():
     preset("pred_start_epoch", "epoch from which patches are masked", type=int)
     preset("weight_decay", "initial weight decay, cosine to --weight_decay_end", type=float)
     preset("weight_decay_end", "final weight decay", type=float)
+    preset("weight_decay_last_layer", "final weight decay of the prototypes alone: their own cosine from "
+           "--weight_decay to this value (None = the schedule above, as the official code)", type=float)
     preset("clip_grad", "max gradient norm per parameter tensor (0 = off)", type=float)
     preset("batch_size_per_gpu", "images per process and step (each gives global + local crops)", type=int)
     preset("epochs", "training epochs", type=int)
@@ -846,13 +848,19 @@ def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epoch
     return np.concatenate((warmup, cosine))
 
 
-def get_params_groups(model):
-    """No weight decay on biases and norm parameters (1-D tensors), as the official code."""
-    regularized, not_regularized = [], []
+def get_params_groups(model, weight_decay_last_layer=None):
+    """No weight decay on biases and norm parameters (1-D tensors), as the official code; with
+    weight_decay_last_layer, the prototypes' weights (last_layer, last_layer2) form a third group."""
+    regularized, not_regularized, prototypes = [], [], []
     for name, param in model.named_parameters():
-        if param.requires_grad:
-            (not_regularized if name.endswith(".bias") or param.ndim == 1 else regularized).append(param)
-    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+        if not param.requires_grad:
+            continue
+        if name.endswith(".bias") or param.ndim == 1:
+            not_regularized.append(param)
+        else:
+            (prototypes if weight_decay_last_layer is not None and "last_layer" in name else regularized).append(param)
+    groups = [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+    return groups + ([{"params": prototypes, "weight_decay": weight_decay_last_layer}] if prototypes else [])
 
 
 def clip_gradients(model, clip):
@@ -1027,7 +1035,7 @@ def vmf_norms(student, teacher):
 
 def train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader, optimizer, schedules, epoch,
                     scaler, amp_dtype, args, device, rank):
-    lr_schedule, wd_schedule, momentum_schedule = schedules
+    lr_schedule, wd_schedule, momentum_schedule, wd_last_schedule = schedules
     student_params, teacher_params = ema_pairs(student_without_ddp, teacher)
     prototype_layers = list(student_without_ddp.head.prototype_layers().values())
     G = args.global_crops_number
@@ -1039,8 +1047,10 @@ def train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader, op
         it = len(loader) * epoch + i  # global step: the schedules are per iteration
         for j, group in enumerate(optimizer.param_groups):
             group["lr"] = float(lr_schedule[it])  # Python floats: numpy scalars cannot be loaded safely
-            if j == 0:  # only the regularized group decays
+            if j == 0:  # the regularized group follows the schedule, the prototypes' own group its own
                 group["weight_decay"] = float(wd_schedule[it])
+            elif j == 2:
+                group["weight_decay"] = float(wd_last_schedule[it])
         crops = [c.to(device, non_blocking=True) for c in crops]
         masks_cpu, masks = masks, [m.to(device, non_blocking=True) for m in masks]  # G x (B, h, w)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -1167,7 +1177,7 @@ def main(argv=None):
                          args.teacher_patch_temp, args.warmup_teacher_temp_epochs, args.epochs,
                          lambda1=args.lambda1, lambda2=args.lambda2, mim_start_epoch=args.pred_start_epoch,
                          vmf_dim=args.bottleneck_dim if args.vmf else None).to(device)
-    params = get_params_groups(student_without_ddp)
+    params = get_params_groups(student_without_ddp, args.weight_decay_last_layer)
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, fused=device.type == "cuda")
     else:
@@ -1178,7 +1188,8 @@ def main(argv=None):
     total_batch = args.batch_size_per_gpu * world
     schedules = (cosine_scheduler(args.lr * total_batch / 256, args.min_lr, args.epochs, n_batches, args.warmup_epochs),
                  cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, n_batches),
-                 cosine_scheduler(args.momentum_teacher, 1, args.epochs, n_batches))
+                 cosine_scheduler(args.momentum_teacher, 1, args.epochs, n_batches),
+                 cosine_scheduler(args.weight_decay, args.weight_decay_last_layer or 0.0, args.epochs, n_batches))
 
     # ---- resume: an explicit --resume, else the run already in output_dir (nothing is overwritten)
     start_epoch, seconds = 0, 0.0

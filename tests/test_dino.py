@@ -193,13 +193,17 @@ def test_training_steps_lower_the_loss():
 
 
 
-def test_weight_decay_last_layer_is_a_separate_constant(tmp_path):
-    """--weight_decay_last_layer gives the prototypes their own group; the rest keeps the schedule."""
+def test_weight_decay_last_layer_is_a_separate_schedule(tmp_path):
+    """--weight_decay_last_layer gives the prototypes their own group and their own cosine from
+    --weight_decay; the rest keeps the official schedule."""
     train(tmp_path, "--epochs", "1", "--freeze_last_layer", "0", "--weight_decay_last_layer", "0.5")
     ckpt = dino.load_checkpoint(str(tmp_path / "checkpoint.pth"))
     groups = ckpt["optimizer"]["param_groups"]
-    assert len(groups) == 3 and len(groups[2]["params"]) == 1 and groups[2]["weight_decay"] == 0.5
-    assert 0.04 <= groups[0]["weight_decay"] <= 0.4 and groups[1]["weight_decay"] == 0.0  # the schedule, no decay
+    last_step = dino.cosine_scheduler(0.04, 0.5, 1, 4)[-1]  # 64 images / batch 16 = 4 steps
+    assert len(groups) == 3 and len(groups[2]["params"]) == 1
+    assert groups[2]["weight_decay"] == pytest.approx(last_step) and last_step > 0.4
+    assert groups[0]["weight_decay"] == pytest.approx(dino.cosine_scheduler(0.04, 0.4, 1, 4)[-1])
+    assert groups[1]["weight_decay"] == 0.0
 
 
 def test_a_preset_has_its_own_output_dir():

@@ -246,6 +246,17 @@ def test_official_state_dict_layout():
     assert free.last_layer.weight_g.requires_grad and free.last_layer2.weight_g.requires_grad
 
 
+def test_weight_decay_last_layer_groups_both_prototype_layers():
+    """--weight_decay_last_layer puts last_layer and last_layer2 (separate heads) in a third group,
+    and without it the groups are the official two."""
+    head = ibot.iBOTHead(128, 64, patch_out_dim=32, shared_head=False, hidden_dim=32, bottleneck_dim=16)
+    groups = ibot.get_params_groups(head, 2.0)
+    assert len(groups) == 3 and groups[2]["weight_decay"] == 2.0
+    assert {tuple(p.shape) for p in groups[2]["params"]} == {(64, 16), (32, 16)}  # the two weight_v
+    assert len(ibot.get_params_groups(head)) == 2
+    assert ibot.parse_args(["--weight_decay_last_layer", "4"]).weight_decay_last_layer == 4.0
+
+
 def test_mask_token_replaces_masked_patches_only():
     """The mask token replaces exactly the masked patch embeddings; an all-False mask changes nothing."""
     torch.manual_seed(0)

@@ -850,7 +850,8 @@ def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epoch
 
 def get_params_groups(model, weight_decay_last_layer=None):
     """No weight decay on biases and norm parameters (1-D tensors), as the official code; with
-    weight_decay_last_layer, the prototypes' weights (last_layer, last_layer2) form a third group."""
+    weight_decay_last_layer, the prototypes' weights (last_layer, last_layer2) form a third group,
+    whose decay train_one_epoch sets each step."""
     regularized, not_regularized, prototypes = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -1189,7 +1190,8 @@ def main(argv=None):
     schedules = (cosine_scheduler(args.lr * total_batch / 256, args.min_lr, args.epochs, n_batches, args.warmup_epochs),
                  cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, n_batches),
                  cosine_scheduler(args.momentum_teacher, 1, args.epochs, n_batches),
-                 cosine_scheduler(args.weight_decay, args.weight_decay_last_layer or 0.0, args.epochs, n_batches))
+                 None if args.weight_decay_last_layer is None else  # the prototypes' own decay, if asked for
+                 cosine_scheduler(args.weight_decay, args.weight_decay_last_layer, args.epochs, n_batches))
 
     # ---- resume: an explicit --resume, else the run already in output_dir (nothing is overwritten)
     start_epoch, seconds = 0, 0.0

@@ -902,9 +902,12 @@ def train_one_epoch(student, teacher, student_without_ddp, dino_loss, loader, op
     return stats, usage
 
 
-def prototype_stats(teacher, usage):
-    """Collapse figures of the teacher's prototypes (the paper's Sec. 4) and their use on the data."""
+def prototype_stats(teacher, student, usage):
+    """Collapse figures of the teacher's prototypes (the paper's Sec. 4) and their use on the data,
+    and those of the student's (keys ending in _student): the teacher is an EMA of the student,
+    so the student's prototypes show a collapse first."""
     stats = koleo_proto.collapse_stats(teacher.head.last_layer.weight.detach())
+    stats.update(koleo_proto.collapse_stats(student.head.last_layer.weight.detach(), "_student"))
     stats.update({f"usage_{k}": v for k, v in koleo_proto.usage_stats(usage).items()})
     return stats
 
@@ -1007,7 +1010,7 @@ def main(argv=None):
         elapsed = time.time() - t0
         seconds += elapsed
         if rank == 0:
-            stats = dict(epoch=epoch + 1, **stats, **prototype_stats(teacher, usage),
+            stats = dict(epoch=epoch + 1, **stats, **prototype_stats(teacher, student_without_ddp, usage),
                          images_per_s=n_batches * total_batch / elapsed, seconds=seconds)
             state = {"student": {"module." + k: v for k, v in student_without_ddp.state_dict().items()},
                      "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
@@ -1024,7 +1027,8 @@ def main(argv=None):
                                           os.path.join(args.output_dir, "unique_prototypes.png"),
                                           f"dino.py --data {args.data}" + (f" --koleo {args.koleo}" if args.koleo else ""))
             say(f"epoch {epoch + 1}/{args.epochs}  loss {stats['loss']:.4f}  unique prototypes "
-                f"{stats['unique_prototypes']}/{args.out_dim}  used {stats['usage_used']}  "
+                f"{stats['unique_prototypes']}/{args.out_dim} (student {stats['unique_prototypes_student']})  "
+                f"used {stats['usage_used']}  "
                 f"teacher entropy {stats['teacher_entropy']:.2f}  {stats['images_per_s']:.0f} img/s")
 
     # ---- evaluation: kNN on teacher CLS features, raw-pixel kNN on the same split, collapse
@@ -1033,6 +1037,8 @@ def main(argv=None):
         w = teacher.head.last_layer.weight.detach()
         unique = koleo_proto.count_unique_prototypes(w, eps=0.025)
         summary.update(unique_prototypes=unique, num_prototypes=args.out_dim,
+                       unique_prototypes_student=koleo_proto.count_unique_prototypes(
+                           student_without_ddp.head.last_layer.weight.detach(), eps=0.025),
                        unique_percent=100.0 * unique / args.out_dim, seconds=seconds,
                        train_images=len(indices), args=vars(args))
         with open(os.path.join(args.output_dir, "summary.json"), "w") as f:

@@ -1110,10 +1110,12 @@ def train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader, op
     return stats, usage
 
 
-def prototype_stats(teacher, usage=None):
+def prototype_stats(teacher, student, usage=None):
     """Collapse figures of the teacher's prototypes (the paper's Sec. 4), per distinct last layer,
-    and the use of the [CLS] prototypes on the data. Keys of last_layer2 end in _patch."""
-    stats = {}
+    and the use of the [CLS] prototypes on the data. Keys of last_layer2 end in _patch. The
+    student's [CLS] prototypes too (keys ending in _student): the teacher is an EMA of the
+    student, so the student's prototypes show a collapse first."""
+    stats = koleo_proto.collapse_stats(student.head.last_layer.weight.detach(), "_student")
     for name, layer in teacher.head.prototype_layers().items():
         stats.update(koleo_proto.collapse_stats(layer.weight.detach(), "_patch" if name == "last_layer2" else ""))
     if usage is not None:
@@ -1228,7 +1230,7 @@ def main(argv=None):
         elapsed = time.time() - t0
         seconds += elapsed
         if rank == 0:
-            stats = dict(epoch=epoch + 1, **stats, **prototype_stats(teacher, usage),
+            stats = dict(epoch=epoch + 1, **stats, **prototype_stats(teacher, student_without_ddp, usage),
                          images_per_s=n_batches * total_batch / elapsed, seconds=seconds)
             state = {"student": {"module." + k: v for k, v in student_without_ddp.state_dict().items()},
                      "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
@@ -1246,17 +1248,18 @@ def main(argv=None):
                                           f"ibot.py --data {args.data}" + (f" --koleo {args.koleo}" if args.koleo else ""))
             patch = f" (patch {stats['unique_prototypes_patch']}/{args.patch_out_dim})" if "unique_prototypes_patch" in stats else ""
             say(f"epoch {epoch + 1}/{args.epochs}  loss {stats['loss']:.4f} (cls {stats['loss_cls']:.4f}, patch "
-                f"{stats['loss_patch']:.4f})  unique prototypes {stats['unique_prototypes']}/{args.out_dim}{patch}  "
+                f"{stats['loss_patch']:.4f})  unique prototypes {stats['unique_prototypes']}/{args.out_dim}{patch} "
+                f"(student {stats['unique_prototypes_student']})  "
                 f"used {stats['usage_used']}  teacher entropy {stats['teacher_entropy']:.2f}  "
                 f"{stats['images_per_s']:.0f} img/s")
 
     # ---- evaluation: kNN on teacher CLS features, raw-pixel kNN on the same split, collapse
     summary = evaluate(args, teacher, train_set, indices, device, amp_dtype, mean, std, say)
     if rank == 0:
-        final = prototype_stats(teacher)
+        final = prototype_stats(teacher, student_without_ddp)
         unique = final["unique_prototypes"]
         summary.update(unique_prototypes=unique, num_prototypes=args.out_dim,
-                       unique_percent=100.0 * unique / args.out_dim, seconds=seconds,
+                       unique_prototypes_student=final["unique_prototypes_student"], unique_percent=100.0 * unique / args.out_dim, seconds=seconds,
                        train_images=len(indices), args=vars(args))
         line = f"unique prototypes (eps 0.025): {unique} / {args.out_dim} ({summary['unique_percent']:.1f}%)"
         if "unique_prototypes_patch" in final:

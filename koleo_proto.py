@@ -336,18 +336,20 @@ def collapse_stats(prototypes, suffix=""):
 def plot_training(log, num_prototypes, path, title=""):
     """PNG of the collapse over training from a list of per-epoch log dicts (log.txt lines):
     unique prototypes at each eps of TRAINING_EPS (and of a patch head, keys ending in _patch),
-    and how many prototypes the teacher's argmax used on the training data."""
+    those of the student's head (keys ending in _student, dotted) where logged, and how many
+    prototypes the teacher's argmax used on the training data."""
     import matplotlib
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
     epochs = [e["epoch"] for e in log]
     fig, ax = plt.subplots(1, 2, figsize=(9.5, 3.6))
-    for suffix, style in (("", "-"), ("_patch", "--")):
+    names = {"": "teacher head", "_patch": "teacher patch head", "_student": "student head"}
+    for suffix, style in (("", "-"), ("_patch", "--"), ("_student", ":")):
         for eps, marker in zip(TRAINING_EPS, "os^"):
             key = "unique_prototypes" + suffix + ("" if eps == TRAINING_EPS[0] else f"_eps{eps}")
             if key in log[-1]:
                 ax[0].plot(epochs, [e.get(key) for e in log], style + marker, ms=4,
-                           label=f"{'patch head' if suffix else 'head'}, eps {eps}")
+                           label=f"{names[suffix]}, eps {eps}")
     ax[0].set_ylim(0, 1.05 * num_prototypes)  # collapse shows as a drop from K
     ax[0].set(xlabel="epoch", ylabel="unique prototypes", title=f"unique prototypes (K = {num_prototypes})")
     ax[0].legend(fontsize=7)

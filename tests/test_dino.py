@@ -213,6 +213,16 @@ def test_a_preset_has_its_own_output_dir():
     assert dino.parse_args([]).output_dir == os.path.join("runs", "dino-fashion-mnist")
 
 
+def test_prototype_stats_count_the_student_apart_from_the_teacher():
+    """The log counts the student's prototypes too (keys _student): they collapse before the EMA teacher's."""
+    student, teacher = dino.build_models(dino.parse_args(TINY))
+    with torch.no_grad():  # the student's prototypes all one copy, the teacher's still spread
+        student.head.last_layer.weight_v.copy_(torch.randn(1, student.head.last_layer.weight_v.shape[1]))
+    stats = dino.prototype_stats(teacher, student, torch.ones(64))
+    assert stats["unique_prototypes_student"] == stats["unique_prototypes_student_eps0.3"] == 1
+    assert stats["unique_prototypes"] == 64 and stats["koleo_student"] > stats["koleo"]
+
+
 def test_training_run_writes_official_checkpoint(tmp_path):
     log = train(tmp_path, "--epochs", "2", "--freeze_last_layer", "0", "--koleo", "0.1")
     assert all(math.isfinite(e["loss"]) for e in log) and len(log) == 2
@@ -228,9 +238,9 @@ def test_training_run_writes_official_checkpoint(tmp_path):
     teacher.load_state_dict(ckpt["teacher"], strict=True)
     student.load_state_dict(dino.strip_prefix(ckpt["student"]), strict=True)
     summary = json.load(open(tmp_path / "summary.json"))
-    for key in ("knn_top1", "raw_pixel_knn_top1", "unique_prototypes", "num_prototypes", "seconds"):
+    for key in ("knn_top1", "raw_pixel_knn_top1", "unique_prototypes", "unique_prototypes_student", "num_prototypes", "seconds"):
         assert summary[key] is not None
-    assert summary["num_prototypes"] == 64
+    assert summary["num_prototypes"] == 64 and "unique_prototypes_student_eps0.1" in log[0]
 
 
 def test_resume_continues_exactly(tmp_path):

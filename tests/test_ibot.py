@@ -278,6 +278,16 @@ def test_mask_token_replaces_masked_patches_only():
 
 
 # ------------------------------------------------------------------------------------------ training
+def test_prototype_stats_count_the_student_apart_from_the_teacher():
+    """The student's [CLS] prototypes are counted too (keys _student): they collapse before the EMA teacher's."""
+    student, teacher = ibot.build_models(ibot.parse_args(TINY + SEPARATE))
+    with torch.no_grad():
+        student.head.last_layer.weight_v.copy_(torch.randn(1, student.head.last_layer.weight_v.shape[1]))
+    stats = ibot.prototype_stats(teacher, student)
+    assert stats["unique_prototypes_student"] == 1 and stats["unique_prototypes"] == stats["unique_prototypes_patch"] == 64
+    assert "unique_prototypes_patch_student" not in stats
+
+
 def test_training_run_writes_official_checkpoint(separate_run, shared_run):
     """Checkpoint keys (official layout), log and summary keys, strict loading into build_models."""
     out, log = separate_run
@@ -298,7 +308,7 @@ def test_training_run_writes_official_checkpoint(separate_run, shared_run):
     student.load_state_dict(ibot.strip_prefix(ckpt["student"]), strict=True)
     summary = json.load(open(out / "summary.json"))
     for key in ("knn_top1", "raw_pixel_knn_top1", "unique_prototypes", "num_prototypes", "unique_percent", "seconds",
-                "unique_prototypes_patch", "num_prototypes_patch"):
+                "unique_prototypes_patch", "num_prototypes_patch", "unique_prototypes_student"):
         assert summary[key] is not None, key
     assert summary["num_prototypes"] == 64 and summary["num_prototypes_patch"] == 64
 

@@ -345,10 +345,10 @@ def plot_training(log, num_prototypes, path, title=""):
     fig, ax = plt.subplots(1, 2, figsize=(9.5, 3.6))
     names = {"": "teacher head", "_patch": "teacher patch head", "_student": "student head"}
     for suffix, style in (("", "-"), ("_patch", "--"), ("_student", ":")):
-        for eps, marker in zip(TRAINING_EPS, "os^"):
+        for eps, marker, color in zip(TRAINING_EPS, "os^", ("C0", "C1", "C2")):  # one colour per eps
             key = "unique_prototypes" + suffix + ("" if eps == TRAINING_EPS[0] else f"_eps{eps}")
             if key in log[-1]:
-                ax[0].plot(epochs, [e.get(key) for e in log], style + marker, ms=4,
+                ax[0].plot(epochs, [e.get(key) for e in log], style + marker, color=color, ms=4,
                            label=f"{names[suffix]}, eps {eps}")
     ax[0].set_ylim(0, 1.05 * num_prototypes)  # collapse shows as a drop from K
     ax[0].set(xlabel="epoch", ylabel="unique prototypes", title=f"unique prototypes (K = {num_prototypes})")

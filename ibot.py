@@ -1259,7 +1259,8 @@ def main(argv=None):
         final = prototype_stats(teacher, student_without_ddp)
         unique = final["unique_prototypes"]
         summary.update(unique_prototypes=unique, num_prototypes=args.out_dim,
-                       unique_prototypes_student=final["unique_prototypes_student"], unique_percent=100.0 * unique / args.out_dim, seconds=seconds,
+                       unique_prototypes_student=final["unique_prototypes_student"],
+                       unique_percent=100.0 * unique / args.out_dim, seconds=seconds,
                        train_images=len(indices), args=vars(args))
         line = f"unique prototypes (eps 0.025): {unique} / {args.out_dim} ({summary['unique_percent']:.1f}%)"
         if "unique_prototypes_patch" in final:

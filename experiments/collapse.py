@@ -235,15 +235,20 @@ def markdown_table(rows, methods=None):
 
 
 def plot_curves(args, series, ylabel, ymax, path, log_x=False):
-    """One line per series (label -> (xs, ys, errs, dashed)), error bars where errs has values; a
-    figure with a note when there is no series yet, so that every plot always exists."""
+    """One line per series (label -> (xs, ys, errs, dashed, pair)), error bars where errs has values; a
+    figure with a note when there is no series yet, so that every plot always exists. Series with
+    the same pair (the cell but for KoLeo) share a colour, so a run and its KoLeo twin read as one."""
     import matplotlib
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator, ScalarFormatter
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for label, (xs, ys, errs, dashed) in series.items():
-        line, = ax.plot(xs, ys, "o" + ("--" if dashed else "-"), ms=3, label=label)  # plot, not errorbar: true legend
+    columns = 1 + max(0, len(series) - 1) // 24  # 24 legend entries fit beside the axes
+    fig, ax = plt.subplots(figsize=(7.5 + 2.5 * (columns - 1), 4.2))
+    pairs = list(dict.fromkeys(v[4] for v in series.values()))
+    colours = plt.get_cmap("tab10" if len(pairs) <= 10 else "tab20").colors
+    for label, (xs, ys, errs, dashed, pair) in series.items():
+        line, = ax.plot(xs, ys, "o" + ("--" if dashed else "-"), ms=3, label=label,  # plot, not errorbar: true legend
+                        color=colours[pairs.index(pair) % len(colours)])
         if any(e is not None for e in errs):
             ax.errorbar(xs, ys, yerr=[e or 0 for e in errs], fmt="none", ecolor=line.get_color(), capsize=3)
     if not series:
@@ -260,9 +265,9 @@ def plot_curves(args, series, ylabel, ymax, path, log_x=False):
         ax.set_ylim(0, ymax)
     ax.set(ylabel=ylabel, xlabel="K (prototypes)" if log_x else "epoch", title=f"{args.data}: {ylabel}")
     if series:
-        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))  # many cells: legend beside the axes
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5), ncol=columns)  # beside the axes
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the legend beside the axes included
     plt.close(fig)
 
 
@@ -272,7 +277,8 @@ def plot_all(args, rows):
     for r in trained:  # unique fraction per epoch, one line per cell, KoLeo dashed
         epochs, fractions = training_curve(args, r)
         if epochs:
-            curves[r["cell"]] = (epochs, fractions, [None] * len(epochs), r["koleo"] > 0)
+            curves[r["cell"]] = (epochs, fractions, [None] * len(epochs), r["koleo"] > 0,
+                                 (r["method"], r["K"], r["long_tail"], r["seed"]))
     plot_curves(args, curves, "unique prototypes / K", 1.05, os.path.join(args.output_dir, "unique_over_training.png"))
     for key, ylabel, name in (("knn_top1", "kNN top-1 (%)", "knn_vs_K.png"),
                               ("unique_percent", "unique prototypes (%)", "unique_vs_K.png")):
@@ -280,7 +286,8 @@ def plot_all(args, rows):
         for (method, rho, lam, K), group in aggregate(trained, args.methods):
             m, s, n = mean_std([r.get(key) for r in group])
             if n:  # seeds averaged; the error bar is their std
-                xs, ys, errs, _ = series.setdefault(f"{method}, KoLeo {lam:g}, RHO {rho:g}", ([], [], [], lam > 0))
+                xs, ys, errs, _, _ = series.setdefault(f"{method}, KoLeo {lam:g}, RHO {rho:g}",
+                                                       ([], [], [], lam > 0, (method, rho)))
                 xs.append(K), ys.append(m), errs.append(s)
         ymax = 105 if key == "unique_percent" else None  # accuracy: zoom on the differences
         plot_curves(args, series, ylabel, ymax, os.path.join(args.output_dir, name), log_x=True)

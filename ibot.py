@@ -31,6 +31,7 @@ import random
 import struct
 import sys
 import time
+import warnings
 from functools import partial
 
 import numpy as np
@@ -894,14 +895,20 @@ def safe_load(path):
     because the official checkpoints store their arguments as one."""
     if not os.path.isfile(path):
         raise BadInput(f"no checkpoint at {path}")
-    try:
-        if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.4
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BadInput(f"{path} is not a checkpoint torch can load safely ({e.__class__.__name__}): "
-                       "pass a .pth written by ibot.py or the official iBOT") from None
+    with warnings.catch_warnings(record=True) as caught:  # held back: a failed load ends in one line
+        warnings.simplefilter("always")
+        try:
+            if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.4
+                with torch.serialization.safe_globals([argparse.Namespace]):
+                    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            else:
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise BadInput(f"{path} is not a checkpoint torch can load safely ({e.__class__.__name__}): "
+                           "pass a .pth written by ibot.py or the official iBOT") from None
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return ckpt
 
 
 def load_checkpoint(path):

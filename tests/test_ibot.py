@@ -415,7 +415,7 @@ def test_bad_resume_files_leave_checkpoint_intact(tmp_path, capsys, separate_run
     shutil.copy(separate_run[0] / "checkpoint.pth", out / "checkpoint.pth")
     before = sha(out / "checkpoint.pth")
     junk = tmp_path / "junk.pth"
-    junk.write_bytes(os.urandom(1000))
+    junk.write_bytes(b"\x80\xa5" + bytes(range(256)) * 4)  # a pickle of "protocol 165": torch warns, then fails
     argv = TINY + SEPARATE + ["--output_dir", str(out)]
     assert_main_fails(capsys, argv + ["--resume", str(junk)], "junk.pth", "not a checkpoint")
     assert_main_fails(capsys, argv + ["--resume", str(tmp_path / "missing.pth")], "no checkpoint")
@@ -437,7 +437,7 @@ def test_cli_errors_are_one_line(tmp_path):
     """The real command line, two cases side by side: non-zero exit, exactly one stderr line, no traceback."""
     # each process spends seconds importing torch: test_bad_arguments covers the other cases in this process
     junk = tmp_path / "junk.pth"
-    junk.write_bytes(os.urandom(1000))
+    junk.write_bytes(b"\x80\xa5" + bytes(range(256)) * 4)  # a pickle of "protocol 165": torch warns, then fails
     cases = [(["--pred_ratio", "0.3", "--pred_ratio_var", "0.5"], ["--pred_ratio_var"]),  # refused by check_args
              (["--resume", str(junk)], ["junk.pth"])]  # refused after the data and models are built
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -12,23 +12,11 @@ list the 8,142 classes in the same order); no image is copied.
   python evaluate.py --checkpoint runs/dino-folder/checkpoint.pth --data inat2018 --data_path /inat2018
 """
 import argparse
-import json
 import os
 import sys
 
-
-def read_split(root, split):
-    """[(path of the image, category id)] of train2018.json or val2018.json."""
-    path = os.path.join(root, f"{split}2018.json")
-    if not os.path.isfile(path):
-        sys.exit(f"no {path}: pass the iNaturalist 2018 folder that holds train2018.json, val2018.json and the images")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-        files = {im["id"]: im["file_name"] for im in meta["images"]}
-        return [(os.path.join(root, files[a["image_id"]]), int(a["category_id"])) for a in meta["annotations"]]
-    except (ValueError, KeyError, TypeError) as e:
-        sys.exit(f"{path} is not in the iNaturalist 2018 layout ({e.__class__.__name__}: {e})")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import evaluate  # noqa: E402  (the repository's root is put on the path first; it reads the json files)
 
 
 def main(argv=None):
@@ -37,7 +25,13 @@ def main(argv=None):
     p.add_argument("output", help="where the train/ and val/ trees of links go (created; links already there are kept)")
     args = p.parse_args(argv)
     root = os.path.abspath(args.root)
-    splits = {split: read_split(root, split) for split in ("train", "val")}
+    splits = {}
+    for split in ("train", "val"):
+        try:
+            d = evaluate.INat2018(root, split, transform=None)
+        except evaluate.BadInput as e:
+            sys.exit(str(e))
+        splits[split] = list(zip(d.files, d.targets))
     width = len(str(max(c for pairs in splits.values() for _, c in pairs)))
     for split, pairs in splits.items():
         missing = next((f for f, _ in pairs if not os.path.isfile(f)), None)

@@ -14,6 +14,7 @@ Read top to bottom:
 Runs:
   python evaluate.py --checkpoint runs/dino-fashion-mnist/checkpoint.pth   # all that applies, ~40 s on 2 CPU cores
   python evaluate.py --checkpoint dino_deitsmall16_pretrain_full_checkpoint.pth --prototypes   # head only, no data
+  python evaluate.py --checkpoint official:dino_vits16 --prototypes  # a release, fetched once
   python evaluate.py --checkpoint ckpt.pth --linear --linear_protocol official --data imagenet --data_path /imagenet
   python evaluate.py --checkpoint ckpt.pth --data inat2018 --data_path /inat2018    # long-tail groups
 Results go to <checkpoint name>_eval[_<data>].json (and .png) beside the checkpoint, or to
@@ -36,6 +37,7 @@ from tqdm import tqdm
 
 import dino
 import koleo_proto
+import official_checkpoints
 from dino import BadInput
 
 NATIVE_SIZE = {"fashion-mnist": 28, "fashion-mnist-full": 28, "cifar10": 32, "cifar100": 32}  # pixels
@@ -50,7 +52,10 @@ def get_args_parser():
                       description="kNN, linear, few-shot, long-tail and prototype-collapse evaluation of a DINO-family "
                                   "checkpoint. Without --knn/--linear/--fewshot/--prototypes, all that apply run.")
     add = p.add_argument
-    add("--checkpoint", required=True, help="dino.py, official DINO or iBOT checkpoint, or backbone-only weights (.pth)")
+    add("--checkpoint", required=True, help="dino.py, official DINO, iBOT or EsViT checkpoint, "
+        "backbone-only weights (.pth), or official:NAME, a release's full checkpoint fetched "
+        "once into torch.hub's cache (official_checkpoints.py); NAME: "
+        + ", ".join(official_checkpoints.RELEASES))
     add("--checkpoint_key", default=None, help="network of a full checkpoint to evaluate [default: teacher]")
     add("--arch", default=None, choices=list(dino.ARCHS), help="backbone when the checkpoint stores no args [default: inferred from the weights]")
     add("--patch_size", type=int, default=None, help="ViT patch size when the checkpoint stores no args [default: inferred]")
@@ -95,12 +100,16 @@ def parse_args(argv=None):
         raise BadInput("--nb_knn and --fewshot_shots must be >= 1 and --temperature > 0")
     if args.long_tail is not None and args.long_tail < 1:
         raise BadInput("--long_tail RHO must be >= 1 (RHO = largest / smallest class)")
+    if args.checkpoint.startswith(official_checkpoints.PREFIX):  # results in runs/, not the cache
+        name = args.checkpoint[len(official_checkpoints.PREFIX):]
+        args.checkpoint = official_checkpoints.resolve(name)
+        args.output_dir = args.output_dir or os.path.join("runs", "official", name)
     args.output_dir = args.output_dir or os.path.dirname(os.path.abspath(args.checkpoint))
     return args
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Loading: dino.py and official DINO / iBOT full checkpoints, backbone-only weights
+# 2. Loading: dino.py and official DINO / iBOT / EsViT full checkpoints, backbone-only weights
 # ----------------------------------------------------------------------------------------------
 def read_network(path, key):
     """The state dict of one network (keys without 'module.') and the checkpoint's args (a dict).
@@ -130,26 +139,43 @@ def read_network(path, key):
 
 def split_network(state):
     """(backbone, head) state dicts of a MultiCropWrapper; weights without 'backbone.' are a bare
-    backbone, whose 'head.*' / 'fc.*' is a supervised classifier, not DINO's head."""
+    backbone, whose 'head.*' / 'fc.*' is a supervised classifier, not DINO's head, unless it has
+    prototypes: EsViT's Swin carries its heads ('head', 'head_dense') itself, with no wrapper."""
     if any(k.startswith("backbone.") for k in state):
         return ({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")},
                 {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
-    return {k: v for k, v in state.items() if not k.startswith(("head.", "fc."))}, {}
+    heads = find_heads(state)
+    return ({k: v for k, v in state.items() if k.split(".")[0] not in {*heads, "head", "fc"}},
+            heads.get("head", {}))
 
 
-def find_prototypes(head):
-    """{name: (K, D) prototypes} of every last layer: weight-normalized (weight_g * weight_v / ||weight_v||)
-    or plain. DINO has head.last_layer; iBOT also last_layer2 (patch tokens), the same tensor when
-    the head is shared, then counted once."""
+LAST_LAYER = r"(last_layer\d*)\.(weight_v|weight|parametrizations\.weight\.original1)"
+
+
+def find_heads(state):
+    """{name: head state dict} of every head of a network that ends in prototypes, wherever the
+    backbone is: 'head' (DINO, iBOT, EsViT), 'head_dense' (EsViT's region-level head), ..."""
+    names = sorted({m[1] for k in state if (m := re.fullmatch(r"([^.]+)\." + LAST_LAYER, k))})
+    return {n: {k[len(n) + 1:]: w for k, w in state.items() if k.startswith(n + ".")}
+            for n in names}
+
+
+def find_prototypes(head, name="head"):
+    """{name.layer: (K, D) prototypes} of every last layer of a head: weight-normalized (weight_g *
+    weight_v / ||weight_v||; torch's newer parametrization stores them as original0 / original1)
+    or plain. DINO has last_layer; iBOT also last_layer2 (patch tokens), the same tensor when the
+    head is shared, then counted once."""
     layers = {}
     for k in sorted(head):
-        m = re.fullmatch(r"(last_layer\d*)\.(weight_v|weight)", k)
+        m = re.fullmatch(LAST_LAYER, k)
         if not m:
             continue
-        v, g = head[k].float(), head.get(m[1] + ".weight_g")
-        w = torch._weight_norm(v, g.float(), 0) if m[2] == "weight_v" and g is not None else v
+        v = head[k].float()
+        g = ".weight_g" if m[2] == "weight_v" else ".parametrizations.weight.original0"
+        g = head.get(m[1] + g)
+        w = torch._weight_norm(v, g.float(), 0) if m[2] != "weight" and g is not None else v
         if not any(w.shape == o.shape and torch.equal(w, o) for o in layers.values()):
-            layers["head." + m[1]] = w
+            layers[f"{name}.{m[1]}"] = w
     return layers
 
 
@@ -189,7 +215,12 @@ def build_backbone(state, saved, args):
         model.fc = nn.Identity()  # the official protocols read the pooled 2048-d features
         load_strict(model, state, "resnet50")
         return model.eval(), "resnet50", saved.get("global_crops_size") or 224
-    if shape is None:
+    if shape is None:  # e.g. DINO's XCiT, iBOT's and EsViT's Swin: --prototypes needs only heads
+        marks = (("Swin", "relative_position_bias_table"), ("XCiT", "cls_attn_blocks."))
+        other = next((n for n, mark in marks if any(mark in k for k in state)), None)
+        if other or arch not in (None, *dino.ARCHS):
+            raise BadInput(f"the backbone is {arch or other}, which is not built here: kNN, linear "
+                           "and few-shot need a ViT or a ResNet-50 (--prototypes audits the head)")
         raise BadInput("the weights are neither a ViT nor a ResNet-50 (no cls_token/pos_embed/patch_embed): pass a DINO checkpoint")
     dim, depth, patch, img = shape
     if arch is None:
@@ -570,7 +601,8 @@ def main(argv=None):
     t0 = time.time()
     state, saved, source = read_network(args.checkpoint, args.checkpoint_key)
     backbone_state, head_state = split_network(state)
-    layers = find_prototypes(head_state)
+    layers = {k: w for name, head in find_heads(state).items()
+              for k, w in find_prototypes(head, name).items()}
     if args.seed is None:
         args.seed = int(saved.get("seed", 0))
     if args.data is None:  # evaluate on the data the checkpoint was trained on when we know it

@@ -13,6 +13,7 @@ A file is fetched only when asked for by name, into torch.hub.get_dir()/checkpoi
 release's file name; iBOT and EsViT name every file checkpoint.pth or checkpoint_best.pth, so the
 local name starts with the release folder or NAME.
 """
+import glob
 import http.client
 import os
 import urllib.request
@@ -117,6 +118,9 @@ def download(url, path, shown_url=None):
     once every byte the server announced has arrived: a failed or interrupted download leaves
     nothing at path. A failure is one line naming the URL and where to put the file by hand."""
     tmp = f"{path}.{os.getpid()}.partial"
+    for stale in glob.glob(glob.escape(path) + ".*.partial"):  # left by a download that was killed
+        if not _running(stale[len(path) + 1:-len(".partial")]):
+            os.remove(stale)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
@@ -138,3 +142,13 @@ def download(url, path, shown_url=None):
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def _running(pid):
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True

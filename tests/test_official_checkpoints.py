@@ -370,6 +370,8 @@ def test_download_is_atomic(tmp_path, monkeypatch, capfd):
     src = tmp_path / "release.pth"
     src.write_bytes(os.urandom(3 << 20))
     dst = tmp_path / "cache" / "checkpoints" / "release.pth"
+    dst.parent.mkdir(parents=True)
+    (dst.parent / "release.pth.99999999.partial").write_bytes(b"x")  # its download was killed
     assert official_checkpoints.download(src.as_uri(), str(dst)) == str(dst)
     assert dst.read_bytes() == src.read_bytes() and os.listdir(dst.parent) == ["release.pth"]
     assert "release.pth" in capfd.readouterr().err  # the progress bar

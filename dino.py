@@ -765,8 +765,9 @@ def restore(ckpt, path, args, student, teacher, optimizer, dino_loss, scaler):
 
 
 def init_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process."""
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process. Under torchrun
+    a single process takes the DDP path too (a one-process group), so that it tests that path."""
+    if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -969,7 +970,7 @@ def main(argv=None):
         except Exception as e:  # an unknown backend fails here, before any compiling
             raise BadInput(f"--compile {args.compile}: {str(e).splitlines()[0]}") from None
     student_without_ddp = student
-    if world > 1:
+    if dist.is_initialized():
         student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     teacher.load_state_dict(student_without_ddp.state_dict())  # the teacher starts as the student
     for p in teacher.parameters():

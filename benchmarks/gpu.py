@@ -286,7 +286,8 @@ class OfficialRun:
         dims = dino.ARCHS[args.arch].keywords  # embed_dim, depth, num_heads (vit_nano is ours)
         backbone = partial(ovt.VisionTransformer, patch_size=args.patch_size, mlp_ratio=4,
                            qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), **dims)
-        head = partial(ovt.DINOHead, dims["embed_dim"], args.out_dim, use_bn=False)
+        head = partial(ovt.DINOHead, dims["embed_dim"], args.out_dim, use_bn=False,
+                       bottleneck_dim=args.bottleneck_dim)
         self.student = self.outils.MultiCropWrapper(
             backbone(drop_path_rate=args.drop_path_rate),
             head(norm_last_layer=args.norm_last_layer))
@@ -528,6 +529,7 @@ def part_torchrun(bench, cfg, workdir, precision, share):
                 f"{time.perf_counter() - t0:.1f} s")
     out = os.path.join(workdir, f"run-{precision}")
     epochs = cfg["cifar_epochs"][precision]
+    bench.reset_memory()  # this process's cached blocks back to the GPU, for the run's
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
            os.path.join(ROOT, "dino.py"), "--data", "folder", "--data_path", root,
            "--preset", "cifar100", "--epochs", str(epochs), "--warmup_epochs", "1",

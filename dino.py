@@ -152,6 +152,9 @@ def get_args_parser():
     p.add_argument("--vmf", action="store_true", help="DINO-vMF: unnormalized prototypes, vMF normalizer, probability centring")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="autocast dtype (auto: bf16 on a GPU that has it, else fp32); replaces --use_fp16")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile student and teacher with BACKEND (alone: inductor; "
+                        "default: off): the first steps compile, later ones run faster")
     p.add_argument("--output_dir", default=None, help="where checkpoints and logs go (default runs/dino-<data>)")
     p.add_argument("--resume", default=None, help="checkpoint to continue from (default: output_dir/checkpoint.pth if any)")
     p.add_argument("--subset", type=int, default=None, help="use only the first N training and N test images (quick checks)")
@@ -762,8 +765,9 @@ def restore(ckpt, path, args, student, teacher, optimizer, dino_loss, scaler):
 
 
 def init_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process."""
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process. Under torchrun
+    a single process takes the DDP path too (a one-process group), so that it tests that path."""
+    if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -957,8 +961,16 @@ def main(argv=None):
     if world > 1 and device.type == "cuda":  # BatchNorm (ResNet, --use_bn_in_head) over the global batch
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+    if args.compile and not torch._dynamo.is_dynamo_supported():
+        say(f"--compile: no torch.compile with torch {torch.__version__} on Python "
+            f"{sys.version.split()[0]}: training uncompiled")
+    elif args.compile:  # in place, so that state dicts keep their keys (no _orig_mod. prefix)
+        try:
+            student.compile(backend=args.compile), teacher.compile(backend=args.compile)
+        except Exception as e:  # an unknown backend fails here, before any compiling
+            raise BadInput(f"--compile {args.compile}: {str(e).splitlines()[0]}") from None
     student_without_ddp = student
-    if world > 1:
+    if dist.is_initialized():
         student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     teacher.load_state_dict(student_without_ddp.state_dict())  # the teacher starts as the student
     for p in teacher.parameters():

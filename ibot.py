@@ -179,6 +179,9 @@ def get_args_parser():
     p.add_argument("--vmf", action="store_true", help="iBOT-vMF: unnormalized prototypes, vMF normalizer, probability centring")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="autocast dtype (auto: bf16 on a GPU that has it, else fp32); replaces --use_fp16")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile student and teacher with BACKEND (alone: inductor; "
+                        "default: off): the first steps compile, later ones run faster")
     p.add_argument("--output_dir", default=None, help="where checkpoints and logs go (default runs/ibot-<data>)")
     p.add_argument("--resume", default=None, help="checkpoint to continue from (default: output_dir/checkpoint.pth if any)")
     p.add_argument("--subset", type=int, default=None, help="use only the first N training and N test images (quick checks)")
@@ -1167,6 +1170,14 @@ def main(argv=None):
     # ---- models, loss, optimizer
     student, teacher = build_models(args)
     student, teacher = student.to(device), teacher.to(device)
+    if args.compile and not torch._dynamo.is_dynamo_supported():
+        say(f"--compile: no torch.compile with torch {torch.__version__} on Python "
+            f"{sys.version.split()[0]}: training uncompiled")
+    elif args.compile:  # in place, so that state dicts keep their keys (no _orig_mod. prefix)
+        try:
+            student.compile(backend=args.compile), teacher.compile(backend=args.compile)
+        except Exception as e:  # an unknown backend fails here, before any compiling
+            raise BadInput(f"--compile {args.compile}: {str(e).splitlines()[0]}") from None
     student_without_ddp = student
     if world > 1:
         student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)

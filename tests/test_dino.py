@@ -260,6 +260,18 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(final_a["dino_loss"]["center"], final["dino_loss"]["center"])
 
 
+# inductor spends minutes compiling C++ kernels on 2 cores; aot_eager traces the same graphs with
+# torch.compile and runs them eagerly. DINO_TEST_INDUCTOR=1 tests inductor as well.
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.skipif(
+    not os.environ.get("DINO_TEST_INDUCTOR"), reason="slow on CPU: set DINO_TEST_INDUCTOR=1"))])
+def test_compile_gives_the_same_loss(tmp_path, backend):
+    plain = train(tmp_path / "plain", "--subset", "32", "--epochs", "1")
+    compiled = train(tmp_path / "compiled", "--subset", "32", "--epochs", "1", "--compile", backend)
+    assert compiled[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-5, abs=1e-6)
+    ckpt = dino.load_checkpoint(str(tmp_path / "compiled" / "checkpoint.pth"))
+    assert not any("_orig_mod" in k for k in list(ckpt["teacher"]) + list(ckpt["student"]))
+
+
 def test_vmf_trains(tmp_path):
     log = train(tmp_path, "--vmf", "--epochs", "1")
     assert math.isfinite(log[-1]["loss"])

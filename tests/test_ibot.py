@@ -363,6 +363,18 @@ def test_vmf_trains(tmp_path, shared):
     assert ("unique_prototypes_patch" in log[-1]) == (shared == "false")
 
 
+def test_compile_gives_the_same_loss(tmp_path):
+    """aot_eager: torch.compile's graphs (broken where the head finds the masked tokens) run
+    eagerly; inductor would spend minutes compiling C++ kernels on 2 cores (see test_dino.py)."""
+    one_step = [*SEPARATE, "--subset", "16"]
+    plain = train(tmp_path / "plain", *one_step)
+    compiled = train(tmp_path / "compiled", *one_step, "--compile", "aot_eager")
+    for key in ("loss", "loss_cls", "loss_patch", "koleo_train"):
+        assert compiled[0][key] == pytest.approx(plain[0][key], rel=1e-5, abs=1e-6), key
+    ckpt = ibot.load_checkpoint(str(tmp_path / "compiled" / "checkpoint.pth"))
+    assert not any("_orig_mod" in k for k in list(ckpt["teacher"]) + list(ckpt["student"]))
+
+
 def test_torchrun_two_processes(tmp_path):
     """Two CPU processes (gloo) train one epoch and write the checkpoint and summary."""
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -1050,6 +1050,11 @@ def train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader, op
     # running sums of loss, cls term, patch term, KoLeo term, teacher entropy: no host sync per step
     sums = torch.zeros(5, device=device)
     usage = torch.zeros(args.out_dim, dtype=torch.long, device=device)
+    # A step whose loss is not finite changes nothing. A fused optimizer skips it on the device
+    # (found_inf, as GradScaler uses it) and the check is read every 20 steps, with no host sync;
+    # with another (the CPU's, where a read waits for nothing) the run stops before the update.
+    on_device = bool(optimizer.defaults.get("fused"))
+    first_bad = torch.zeros((), dtype=torch.long, device=device)  # step of the first bad loss
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0, leave=False)
     for i, (crops, _, masks) in enumerate(bar):
         it = len(loader) * epoch + i  # global step: the schedules are per iteration
@@ -1067,11 +1072,19 @@ def train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader, op
             # local crops only feed the [CLS] term: no patch tokens through the head
             student_local_cls = student(crops[G:], return_all_tokens=False) if len(crops) > G else None
             norms = vmf_norms(student_without_ddp, teacher) if args.vmf else None
+            centers = ibot_loss.center, ibot_loss.center2
             losses = ibot_loss(student_output, teacher_output, student_local_cls, masks, epoch, norms)
             koleo = torch.zeros((), device=device)
             if args.koleo > 0:  # each distinct set of prototypes is kept apart on its own
                 koleo = sum(koleo_proto.koleo_proto_loss(layer.weight) for layer in prototype_layers)
             total = losses["loss"] + args.koleo * koleo
+        finite = all_finite(total)
+        ibot_loss.center = torch.where(finite, ibot_loss.center, centers[0])  # a bad step changes
+        ibot_loss.center2 = torch.where(finite, ibot_loss.center2, centers[1])  # neither centre
+        if not on_device and not finite:
+            raise diverged(total.item(), epoch, i + 1)
+        if on_device:
+            first_bad = torch.where((first_bad > 0) | finite, first_bad, i + 1)
 
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:  # fp16: scale the loss so small gradients do not underflow
@@ -1082,16 +1095,23 @@ def train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader, op
         if args.clip_grad:
             clip_gradients(student_without_ddp, args.clip_grad)
         cancel_gradients_last_layer(epoch, student_without_ddp, args.freeze_last_layer)
-        if scaler is not None:
+        if scaler is not None:  # it skips a step whose gradients are not finite
             scaler.step(optimizer)
             scaler.update()
         else:
+            if on_device:
+                optimizer.found_inf = (~finite).float()  # the fused kernel skips the update where 1
             optimizer.step()
 
         with torch.no_grad():  # teacher = exponential moving average of the student
             m = momentum_schedule[it]
-            torch._foreach_mul_(teacher_params, m)  # one fused kernel per step, not one per tensor
-            torch._foreach_add_(teacher_params, student_params, alpha=1 - m)
+            if on_device:  # a skipped step leaves the teacher as it is
+                m = torch.where(finite, m, 1.0)
+                torch._foreach_mul_(teacher_params, m)
+                torch._foreach_add_(teacher_params, torch._foreach_mul(student_params, 1 - m))
+            else:
+                torch._foreach_mul_(teacher_params, m)  # one fused kernel per step, not per tensor
+                torch._foreach_add_(teacher_params, student_params, alpha=1 - m)
             q = ibot_loss.teacher_probs
             entropy = -(q * torch.log(q + 1e-12)).sum(dim=-1).mean()
             sums += torch.stack([losses["loss"].detach(), losses["cls"].detach(), losses["patch"].detach(),
@@ -1099,12 +1119,10 @@ def train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader, op
             usage += koleo_proto.assignment_histogram(q)
 
         if (i + 1) % 20 == 0 or i + 1 == len(loader):  # the only host sync: check for NaN, show the loss
-            mean_loss = sums[0].item() / (i + 1)
-            if not math.isfinite(mean_loss):
-                raise BadInput(f"the loss became {mean_loss} at epoch {epoch + 1}, step {i + 1}: training diverged. "
-                               "Try a lower --lr, a smaller --clip_grad, --precision bf16 or fp32 instead of fp16, "
-                               "or a longer --warmup_teacher_temp_epochs; the last checkpoint in --output_dir is intact")
-            bar.set_postfix(loss=f"{mean_loss:.4f}")
+            loss_sum, bad = sums[0].item(), int(first_bad)
+            if bad:
+                raise diverged(loss_sum, epoch, bad)
+            bar.set_postfix(loss=f"{loss_sum / (i + 1):.4f}")
     if dist.is_initialized():
         dist.all_reduce(sums)
         dist.all_reduce(usage)
@@ -1115,6 +1133,21 @@ def train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader, op
     if args.koleo > 0:
         stats["koleo_train"] = koleo_mean
     return stats, usage
+
+
+def all_finite(loss):
+    """A device tensor: is the loss finite on every process (no host sync)."""
+    finite = torch.isfinite(loss.detach()).float()
+    if dist.is_initialized():  # gradients are averaged: one process's NaN would reach all
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return finite.bool()
+
+
+def diverged(value, epoch, step):
+    return BadInput(f"the loss became {value} at epoch {epoch + 1}, step {step}: training diverged."
+                    " Try a lower --lr, a smaller --clip_grad, --precision bf16 or fp32 instead of "
+                    "fp16, or a longer --warmup_teacher_temp_epochs; the last checkpoint in "
+                    "--output_dir is intact")
 
 
 def prototype_stats(teacher, student, usage=None):
@@ -1191,7 +1224,7 @@ def main(argv=None):
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, fused=device.type == "cuda")
     else:
-        optimizer = torch.optim.SGD(params, lr=0, momentum=0.9)
+        optimizer = torch.optim.SGD(params, lr=0, momentum=0.9, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
     # ---- schedules: per iteration, the lr scaled linearly with the total batch (Goyal et al., 2017)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import dino
-from helpers import assert_one_line_error, malicious_checkpoint, sha
+from helpers import assert_one_line_error, assert_unchanged, inject_nan, malicious_checkpoint, sha
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A configuration small enough for seconds per run: 16 tokens per global crop, 64 prototypes.
@@ -338,3 +338,21 @@ def test_malicious_pickle_is_refused(tmp_path):
     with pytest.raises(dino.BadInput):
         dino.load_checkpoint(str(path))
     assert not os.path.exists(marker)
+
+
+# ------------------------------------------------------------------------- defects of issue 16
+@pytest.mark.parametrize("fused", [False, True])  # True: the device-side skip a GPU takes
+def test_nan_guard_acts_before_the_update(tmp_path, monkeypatch, fused):
+    """A NaN loss at epoch 2 changes no weight, no centre and not the checkpoint of epoch 1; the
+    run stops with the step. Fused: the update is skipped on the device, read at the epoch's end."""
+    if fused:
+        adamw = torch.optim.AdamW
+        monkeypatch.setattr(torch.optim, "AdamW", lambda params, fused: adamw(params, fused=True))
+    step = 2 if fused else 1  # of 2 per epoch
+    seen = inject_nan(monkeypatch, dino, dino.DINOLoss, 2 + step)
+    with pytest.raises(dino.BadInput, match=f"loss became nan at epoch 2, step {step}: training"):
+        train(tmp_path, "--freeze_last_layer", "0", "--saveckp_freq", "1", "--subset", "32")
+    assert_unchanged(seen)
+    first = dino.load_checkpoint(str(tmp_path / "checkpoint0001.pth"))
+    assert sha(tmp_path / "checkpoint.pth") == sha(tmp_path / "checkpoint0001.pth")
+    assert first["epoch"] == 1

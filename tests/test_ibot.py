@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import dino
 import evaluate
 import ibot
-from helpers import assert_one_line_error, malicious_checkpoint, sha
+from helpers import assert_one_line_error, assert_unchanged, inject_nan, malicious_checkpoint, sha
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A configuration small enough for seconds per run: 16 tokens per global crop, 64 prototypes per head.
@@ -466,3 +466,18 @@ def test_evaluate_audits_ibot_checkpoints(tmp_path, capsys, separate_run, shared
     assert "head.last_layer" in results["prototypes"] and "head.last_layer2" not in results["prototypes"]
     assert f"{results['prototypes']['head.last_layer']['unique']} / 64 unique" in printed
     assert 0 <= results["knn"]["5"]["top1"] <= 100 and results["arch"] == "vit_nano/7"
+
+
+# ------------------------------------------------------------------------- defects of issue 16
+@pytest.mark.parametrize("fused", [False, True])  # True: the device-side skip a GPU takes
+def test_nan_guard_acts_before_the_update(tmp_path, monkeypatch, fused):
+    """As dino.py's: a NaN loss at epoch 2 changes no weight, neither centre, nor the checkpoint."""
+    if fused:
+        adamw = torch.optim.AdamW
+        monkeypatch.setattr(torch.optim, "AdamW", lambda params, fused: adamw(params, fused=True))
+    step = 2 if fused else 1  # of 2 per epoch
+    seen = inject_nan(monkeypatch, ibot, ibot.iBOTLoss, 2 + step)
+    with pytest.raises(ibot.BadInput, match=f"loss became nan at epoch 2, step {step}: training"):
+        train(tmp_path, *SHARED, "--freeze_last_layer", "0")
+    assert_unchanged(seen)
+    assert sha(tmp_path / "checkpoint.pth") == sha(tmp_path / "checkpoint0001.pth")

@@ -605,7 +605,10 @@ class DINOLoss(nn.Module):
     probability space: c is a running mean of the teacher probabilities, and the target is
     softmax(logits / tau - log c), i.e. q_k / c_k renormalized. Logit centring would subtract the
     normalizer itself. The exact centring of the paper is not public in a form we could check; this
-    is our reading.
+    is our reading. c is floored at the smallest normal float: the centre of a prototype that is
+    never picked shrinks by the momentum each step, into denormals, and to 0 where they are flushed
+    (as on many accelerators), which makes log c = -inf and the targets NaN. While c_k is a normal
+    float the floor changes nothing: the targets stay q_k / c_k, on any hardware.
     """
 
     def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs,
@@ -651,6 +654,8 @@ class DINOLoss(nn.Module):
             world = dist.get_world_size()
         batch_center = batch_center / (len(teacher_output) * world)
         self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+        if self.vmf_dim:  # the floor of the class docstring
+            self.center = self.center.clamp_min(torch.finfo(torch.float32).tiny)
 
 
 # ----------------------------------------------------------------------------------------------

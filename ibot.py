@@ -756,7 +756,10 @@ class iBOTLoss(nn.Module):
     log C_p(kappa_k), kappa_k = ||w_k|| / tau, and the teacher is centred in probability space:
     the centres are running means of teacher probabilities and the target is softmax(logits / tau -
     log c), i.e. q_k / c_k renormalized. The exact centring of the paper is not public in a form we
-    could check; this is our reading.
+    could check; this is our reading. The centres are floored at the smallest normal float: that of
+    a prototype that is never picked shrinks by the momentum each step, into denormals, and to 0
+    where they are flushed (as on many accelerators), which makes log c = -inf and the targets NaN.
+    While c_k is a normal float the floor changes nothing: the targets stay q_k / c_k.
     """
 
     def __init__(self, out_dim, patch_out_dim, ngcrops, nlcrops, warmup_teacher_temp, teacher_temp,
@@ -836,6 +839,9 @@ class iBOTLoss(nn.Module):
         K = self.center.shape[-1]
         self.center = self.center * self.center_momentum + batch[:K].view_as(self.center) * (1 - self.center_momentum)
         self.center2 = self.center2 * self.center_momentum2 + batch[K:].view_as(self.center2) * (1 - self.center_momentum2)
+        if self.vmf_dim:  # the floor of the class docstring
+            tiny = torch.finfo(torch.float32).tiny
+            self.center, self.center2 = self.center.clamp_min(tiny), self.center2.clamp_min(tiny)
 
 
 # ----------------------------------------------------------------------------------------------

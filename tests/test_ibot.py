@@ -481,3 +481,22 @@ def test_nan_guard_acts_before_the_update(tmp_path, monkeypatch, fused):
         train(tmp_path, *SHARED, "--freeze_last_layer", "0")
     assert_unchanged(seen)
     assert sha(tmp_path / "checkpoint.pth") == sha(tmp_path / "checkpoint0001.pth")
+
+
+def test_vmf_centring_never_turns_into_nan():
+    """As dino.py's, for both centres: prototype 0 of either head is never picked."""
+    K = 4
+    loss_fn = ibot.iBOTLoss(K, K, 2, 0, 0.04, 0.04, 0.04, 0.04, 0, 1, vmf_dim=256)
+    norms = dict(s1=torch.ones(K), s2=torch.ones(K), t1=torch.ones(K), t2=torch.ones(K))
+    masks = [torch.ones(2, 2, 2, dtype=torch.bool)] * 2
+    cls, patch = torch.zeros(4, K), torch.zeros(4, 4, K)
+    cls[:, 0], patch[..., 0] = -1e3, -1e3
+    torch.set_flush_denormal(True)
+    try:
+        for _ in range(1000):
+            loss_fn((torch.randn(4, K), torch.randn(4, 4, K)), (cls, patch), None, masks, 0, norms)
+        student = torch.randn(4, K), torch.randn(4, 4, K)
+        out = loss_fn(student, (cls * 0, patch * 0), None, masks, 0, norms)
+    finally:
+        torch.set_flush_denormal(False)
+    assert all(torch.isfinite(v) for v in out.values()), out

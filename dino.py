@@ -163,9 +163,15 @@ def get_args_parser():
 def parse_args(argv=None):
     args = get_args_parser().parse_args(argv)
     preset = PRESETS.get(args.preset or args.data, {})
-    for name, official in OFFICIAL.items():
-        if getattr(args, name) is None:
-            setattr(args, name, preset.get(name, official))
+    unset = [name for name in OFFICIAL if getattr(args, name) is None]
+    for name in unset:
+        setattr(args, name, preset.get(name, OFFICIAL[name]))
+    for name in ("warmup_epochs", "warmup_teacher_temp_epochs"):  # a warm-up not asked for fits
+        if name in unset and getattr(args, name) > args.epochs:
+            if os.environ.get("RANK", "0") == "0":
+                print(f"--{name} {getattr(args, name)} of the preset shortened to --epochs "
+                      f"{args.epochs}")
+            setattr(args, name, args.epochs)
     if args.vmf:
         args.norm_last_layer = False  # vMF components need free norms: kappa_k = ||w_k|| / tau
     args.output_dir = args.output_dir or os.path.join("runs", f"dino-{args.preset or args.data}")

@@ -190,9 +190,17 @@ def get_args_parser():
 def parse_args(argv=None):
     args = get_args_parser().parse_args(argv)
     preset = PRESETS.get(args.preset or args.data, {})
-    for name, official in OFFICIAL.items():
-        if getattr(args, name) is None:
-            setattr(args, name, preset.get(name, official))
+    unset = [name for name in OFFICIAL if getattr(args, name) is None]
+    for name in unset:
+        setattr(args, name, preset.get(name, OFFICIAL[name]))
+    room = dict(warmup_epochs=args.epochs,
+                warmup_teacher_temp_epochs=args.epochs - args.pred_start_epoch)
+    for name, most in room.items():  # a warm-up not asked for fits
+        if name in unset and getattr(args, name) > most >= 0:
+            if os.environ.get("RANK", "0") == "0":
+                print(f"--{name} {getattr(args, name)} of the preset shortened to {most} "
+                      f"to fit --epochs {args.epochs}")
+            setattr(args, name, most)
     if args.vmf:
         args.norm_last_layer = False  # vMF components need free norms: kappa_k = ||w_k|| / tau
     if args.shared_head or args.shared_head_teacher:

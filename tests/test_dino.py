@@ -374,3 +374,16 @@ def test_vmf_centring_never_turns_into_nan():
         torch.set_flush_denormal(False)
     assert torch.isfinite(loss) and torch.isfinite(loss_fn.teacher_probs).all()
     assert loss_fn.teacher_probs[:, 0].min() > 0.99  # the rare prototype is boosted, as q / c says
+
+
+def test_warmup_left_unset_shrinks_to_fit_epochs(tmp_path, capsys):
+    """--epochs below the preset's warm-up: a warm-up the user never set shrinks (and says so);
+    an explicit impossible one is still an error; the imagenet run then reaches its data check."""
+    args = dino.parse_args(["--data", "imagenet", "--epochs", "1"])
+    assert (args.warmup_epochs, args.epochs) == (1, 1)
+    assert "--warmup_epochs 10 of the preset shortened to --epochs 1" in capsys.readouterr().out
+    with pytest.raises(dino.BadInput, match="--warmup_epochs 3 must lie"):
+        dino.parse_args(["--epochs", "2", "--warmup_epochs", "3"])
+    result = run_script("--data", "imagenet", "--data_path", "/nonexistent", "--epochs", "1",
+                        "--output_dir", str(tmp_path))
+    assert_one_line_error(result, "/nonexistent")

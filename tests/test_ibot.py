@@ -396,7 +396,8 @@ def assert_main_fails(capsys, argv, *words):
     (["--out_dim", "1"], ["--out_dim"]),
     (["--patch_size", "5"], ["multiple of --patch_size 5"]),
     (["--data", "imagenet", "--warmup_teacher_temp_epochs", "0"], ["--data imagenet needs --data_path"]),
-    (["--data", "imagenet"], ["--warmup_teacher_temp_epochs 30"]),  # the imagenet preset keeps the official 30
+    (["--data", "imagenet"], ["--data imagenet needs --data_path"]),  # the preset's 30 epochs shrink
+    (["--warmup_teacher_temp_epochs", "30"], ["--warmup_teacher_temp_epochs 30"]),  # asked for
     (["--batch_size_per_gpu", "100000"], ["--batch_size_per_gpu", "exceeds"]),
     (["--pred_shape", "circle"], ["--pred_shape", "invalid choice"]),
     (["--pred_aspect_ratio", "2", "1"], ["--pred_aspect_ratio"]),
@@ -500,3 +501,14 @@ def test_vmf_centring_never_turns_into_nan():
     finally:
         torch.set_flush_denormal(False)
     assert all(torch.isfinite(v) for v in out.values()), out
+
+
+def test_warmup_left_unset_shrinks_to_fit_epochs(capsys):
+    """ibot's official teacher warm-up is 30 epochs: --epochs 5 shortens both warm-ups to fit."""
+    args = ibot.parse_args(["--data", "imagenet", "--epochs", "5"])
+    assert (args.warmup_epochs, args.warmup_teacher_temp_epochs) == (5, 5)
+    args = ibot.parse_args(["--data", "imagenet", "--epochs", "5", "--pred_start_epoch", "2"])
+    assert args.warmup_teacher_temp_epochs == 3
+    assert "--warmup_teacher_temp_epochs 30 of the preset shortened to 3" in capsys.readouterr().out
+    with pytest.raises(ibot.BadInput, match="--warmup_teacher_temp_epochs 6"):
+        ibot.parse_args(["--epochs", "5", "--warmup_teacher_temp_epochs", "6"])

@@ -753,10 +753,12 @@ def restore(ckpt, path, args, student, teacher, optimizer, dino_loss, scaler):
     """Load a training checkpoint; a different architecture is one clear line, not a key dump."""
     saved = ckpt.get("args")
     saved = vars(saved) if isinstance(saved, argparse.Namespace) else (saved or {})
-    for key in ("arch", "patch_size", "out_dim", "bottleneck_dim", "use_bn_in_head", "vmf"):
+    # every flag that shapes the weights or the optimizer's parameter groups
+    for key in ("arch", "patch_size", "global_crops_size", "out_dim", "bottleneck_dim",
+                "use_bn_in_head", "vmf", "norm_last_layer", "optimizer", "weight_decay_last_layer"):
         if key in saved and saved[key] != getattr(args, key):
             raise BadInput(f"{path} was trained with --{key} {saved[key]}, this run has {getattr(args, key)}: "
-                           f"pass --{key} {saved[key]} or use another --output_dir")
+                           f"pass the same --{key} or use another --output_dir")
     try:
         student.load_state_dict(strip_prefix(ckpt["student"]))
         teacher.load_state_dict(strip_prefix(ckpt["teacher"]))

@@ -387,3 +387,23 @@ def test_warmup_left_unset_shrinks_to_fit_epochs(tmp_path, capsys):
     result = run_script("--data", "imagenet", "--data_path", "/nonexistent", "--epochs", "1",
                         "--output_dir", str(tmp_path))
     assert_one_line_error(result, "/nonexistent")
+
+
+@pytest.mark.parametrize("flag, saved, now", [("--norm_last_layer", "false", "true"),
+                                              ("--global_crops_size", "14", "28"),
+                                              ("--weight_decay_last_layer", "0.5", None)])
+def test_resume_checks_every_architecture_argument(tmp_path, flag, saved, now):
+    """A checkpoint of another head, crop size or optimizer layout is refused naming that flag,
+    not with a hint about --arch/--patch_size/--out_dim."""
+    def built(value):
+        args = dino.parse_args(TINY + ([flag, value] if value else []))
+        student, teacher = dino.build_models(args)
+        groups = dino.get_params_groups(student, args.weight_decay_last_layer)
+        return args, student, teacher, torch.optim.AdamW(groups)
+    args, student, teacher, optimizer = built(saved)
+    ckpt = {"args": args, "student": student.state_dict(), "teacher": teacher.state_dict(),
+            "optimizer": optimizer.state_dict()}
+    args, student, teacher, optimizer = built(now)
+    loss = dino.DINOLoss(64, 4, 0.04, 0.04, 0, 2)
+    with pytest.raises(dino.BadInput, match=f"was trained with {flag} .* pass the same {flag} "):
+        dino.restore(ckpt, "ckpt.pth", args, student, teacher, optimizer, loss, None)

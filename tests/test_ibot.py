@@ -512,3 +512,19 @@ def test_warmup_left_unset_shrinks_to_fit_epochs(capsys):
     assert "--warmup_teacher_temp_epochs 30 of the preset shortened to 3" in capsys.readouterr().out
     with pytest.raises(ibot.BadInput, match="--warmup_teacher_temp_epochs 6"):
         ibot.parse_args(["--epochs", "5", "--warmup_teacher_temp_epochs", "6"])
+
+
+@pytest.mark.parametrize("flag, saved, now", [("--norm_last_layer", "true", "false"),
+                                              ("--global_crops_size", "14", "28")])
+def test_resume_checks_every_architecture_argument(flag, saved, now):
+    """As dino.py's: the flag that differs is named."""
+    def built(value):
+        args = ibot.parse_args(TINY + [flag, value])
+        student, teacher = ibot.build_models(args)
+        return args, student, teacher, torch.optim.AdamW(ibot.get_params_groups(student))
+    args, student, teacher, optimizer = built(saved)
+    ckpt = {"args": args, "student": student.state_dict(), "teacher": teacher.state_dict(),
+            "optimizer": optimizer.state_dict()}
+    args, student, teacher, optimizer = built(now)
+    with pytest.raises(ibot.BadInput, match=f"was trained with {flag} .* pass the same {flag} "):
+        ibot.restore(ckpt, "ckpt.pth", args, student, teacher, optimizer, new_loss(64, 64), None)

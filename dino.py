@@ -154,7 +154,8 @@ def get_args_parser():
                    help="autocast dtype (auto: bf16 on a GPU that has it, else fp32); replaces --use_fp16")
     p.add_argument("--output_dir", default=None, help="where checkpoints and logs go (default runs/dino-<data>)")
     p.add_argument("--resume", default=None, help="checkpoint to continue from (default: output_dir/checkpoint.pth if any)")
-    p.add_argument("--subset", type=int, default=None, help="use only the first N training and N test images (quick checks)")
+    p.add_argument("--subset", type=int, default=None, help="use N training and N test images, "
+                   "a seeded sample keeping the class shares (quick checks)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by old launchers
     return p
@@ -348,14 +349,28 @@ def long_tail_indices(targets, rho, seed):
     return np.sort(np.concatenate(keep))
 
 
+def balanced_subset(indices, targets, n, seed):
+    """n of the indices drawn at random (seeded), each class keeping its share of them (largest
+    remainder): the first n would be a few classes of a folder tree, which is sorted by class."""
+    indices = np.asarray(indices)
+    if n is None or n >= len(indices):
+        return indices
+    labels = np.asarray(targets)[indices]
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * n / len(indices)
+    take = np.floor(quota).astype(int)
+    take[np.argsort(take - quota, kind="stable")[:n - take.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    keep = [rng.choice(indices[labels == c], k, replace=False) for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(keep))
+
+
 def training_indices(args, targets):
     """Which training images are used: --long_tail subsampling, then --subset."""
     indices = np.arange(len(targets))
     if args.long_tail:
         indices = long_tail_indices(targets, args.long_tail, args.seed)
-    if args.subset:
-        indices = indices[:args.subset]
-    return indices
+    return balanced_subset(indices, targets, args.subset, args.seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -985,6 +1000,7 @@ def main(argv=None):
                        f"{len(indices)} training images: lower it")
     counts = np.bincount(np.asarray(train_set.targets)[indices])
     say(f"data: {args.data}, {len(indices)} training images, {len(counts)} classes"
+        + (f" (--subset: drawn with --seed {args.seed}, class shares kept)" if args.subset else "")
         + (f", long-tailed RHO={args.long_tail}: largest class {counts.max()}, smallest {counts.min()}" if args.long_tail else ""))
     train_subset = torch.utils.data.Subset(train_set, indices)
     if world > 1:
@@ -1111,7 +1127,7 @@ def evaluate(args, teacher, train_set, indices, device, amp_dtype, mean, std, sa
         return dict(knn_top1=None, knn_top5=None, raw_pixel_knn_top1=None)
     teacher.eval()
     backbone = teacher.backbone
-    test_indices = np.arange(len(test_eval))[:args.subset]
+    test_indices = balanced_subset(range(len(test_eval)), test_eval.targets, args.subset, args.seed)
     pixels = len(indices) <= 200_000  # raw pixels of ImageNet would not fit in memory
     train_feats, *train_pixels = extract_features(backbone, torch.utils.data.Subset(train_eval, indices), args, device, amp_dtype, pixels)
     test_feats, *test_pixels = extract_features(backbone, torch.utils.data.Subset(test_eval, test_indices), args, device, amp_dtype, pixels)

@@ -63,7 +63,8 @@ def get_args_parser():
     add("--data_path", default=None, help="dataset folder (as dino.py; inat2018: the folder with train2018.json, val2018.json)")
     add("--long_tail", type=float, default=None, metavar="RHO", help="long-tailed training split as dino.py --long_tail RHO")
     add("--seed", type=int, default=None, help="seed of the long-tail subset and few-shot draws [default: the checkpoint's, else 0]")
-    add("--subset", type=int, default=None, help="use only the first N training and N test images (quick checks)")
+    add("--subset", type=int, default=None, help="use N training and N test images, a seeded "
+        "sample keeping each class's share, as dino.py")
     add("--image_size", type=int, default=None, help="side of the evaluated crop [default: the checkpoint's training crop]")
     add("--n_last_blocks", type=int, default=None, help="linear probe reads the CLS of the last n blocks [default: official, 4; ViT-B 1]")
     add("--avgpool_patchtokens", type=dino.bool_flag, default=None, help="linear probe also reads the mean patch token [default: official, ViT-B only]")
@@ -495,7 +496,7 @@ def evaluate_data(args, todo, backbone, train_size, key_base, results, rows, dev
     if len(unseen):
         raise BadInput(f"{len(unseen)} classes of the test split have no training image (e.g. class {unseen[0]}): the splits do not match")
     train_idx = dino.training_indices(args, train_y_all)  # --long_tail, then --subset, as dino.py
-    test_idx = np.arange(len(test_set))[:args.subset]
+    test_idx = dino.balanced_subset(range(len(test_set)), test_y_all, args.subset, args.seed)
     n_blocks = args.n_last_blocks or (1 if vit and backbone.embed_dim >= 768 else 4)  # official: ViT-B 1 block + avgpool
     avgpool = args.avgpool_patchtokens if args.avgpool_patchtokens is not None else (vit and backbone.embed_dim >= 768)
     if vit and n_blocks > len(backbone.blocks):

@@ -407,3 +407,28 @@ def test_resume_checks_every_architecture_argument(tmp_path, flag, saved, now):
     loss = dino.DINOLoss(64, 4, 0.04, 0.04, 0, 2)
     with pytest.raises(dino.BadInput, match=f"was trained with {flag} .* pass the same {flag} "):
         dino.restore(ckpt, "ckpt.pth", args, student, teacher, optimizer, loss, None)
+
+
+def test_subset_on_a_folder_keeps_the_classes(tmp_path, capsys):
+    """--subset N on a folder tree (sorted by class) is a seeded sample with each class's share,
+    for the training and the test split, not the first N images (one class)."""
+    targets = np.repeat(np.arange(10), 50)
+    idx = dino.balanced_subset(np.arange(500), targets, 25, seed=0)
+    counts = np.bincount(targets[idx], minlength=10)
+    assert len(idx) == 25 and counts.min() == 2 and counts.max() == 3
+    assert np.array_equal(idx, dino.balanced_subset(np.arange(500), targets, 25, seed=0))
+    lt = dino.long_tail_indices(targets, 10, seed=0)  # a long tail keeps its profile
+    sub = np.bincount(targets[dino.balanced_subset(lt, targets, len(lt) // 2, seed=0)])
+    assert np.abs(sub - np.bincount(targets[lt]) / 2).max() <= 1
+    from PIL import Image
+    for split in ("train", "val"):
+        for c in range(10):
+            os.makedirs(tmp_path / "d" / split / f"c{c}")
+            for i in range(3):
+                image = Image.fromarray(np.full((28, 28, 3), 20 * c + i, np.uint8))
+                image.save(tmp_path / "d" / split / f"c{c}" / f"{i}.png")
+    dino.main(TINY + TINY_FOLDER + ["--data_path", str(tmp_path / "d"), "--subset", "10",
+                                    "--epochs", "1", "--output_dir", str(tmp_path / "out")])
+    assert "10 training images, 10 classes (--subset: drawn with --seed 0" in capsys.readouterr()[0]
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
+    assert summary["train_images"] == 10

@@ -61,10 +61,11 @@ def get_args_parser():
     add("--data", default=None, choices=list(dino.DATASETS) + ["inat2018"],
         help="dataset [default: the checkpoint's --data, else the bundled Fashion-MNIST sample]")
     add("--data_path", default=None, help="dataset folder (as dino.py; inat2018: the folder with train2018.json, val2018.json)")
-    add("--long_tail", type=float, default=None, metavar="RHO", help="long-tailed training split as dino.py --long_tail RHO")
+    add("--long_tail", type=float, default=None, metavar="RHO", help="long-tailed training split "
+        "as dino.py --long_tail RHO [default: the checkpoint's, on its data]")
     add("--seed", type=int, default=None, help="seed of the long-tail subset and few-shot draws [default: the checkpoint's, else 0]")
     add("--subset", type=int, default=None, help="use N training and N test images, a seeded "
-        "sample keeping each class's share, as dino.py")
+        "sample keeping each class's share, as dino.py [default: the checkpoint's, on its data]")
     add("--image_size", type=int, default=None, help="side of the evaluated crop [default: the checkpoint's training crop]")
     add("--n_last_blocks", type=int, default=None, help="linear probe reads the CLS of the last n blocks [default: official, 4; ViT-B 1]")
     add("--avgpool_patchtokens", type=dino.bool_flag, default=None, help="linear probe also reads the mean patch token [default: official, ViT-B only]")
@@ -577,6 +578,11 @@ def main(argv=None):
     if args.data is None:  # evaluate on the data the checkpoint was trained on when we know it
         known = saved.get("data") in dino.DATASETS
         args.data, args.data_path = (saved["data"], args.data_path or saved.get("data_path")) if known else ("fashion-mnist", args.data_path)
+    if (args.data, args.data_path or None) == (saved.get("data"), saved.get("data_path") or None):
+        for flag in ("subset", "long_tail"):  # its training data: the images it trained on
+            if getattr(args, flag) is None and saved.get(flag):
+                setattr(args, flag, saved[flag])
+                print(f"--{flag} {saved[flag]}: the checkpoint's, as it trained on these data")
     todo = {k: getattr(args, k) for k in ("knn", "linear", "fewshot", "prototypes")}
     if not any(todo.values()):  # everything that applies
         todo = dict(knn=True, linear=True, fewshot=True, prototypes=bool(layers))

@@ -353,3 +353,21 @@ def test_bad_inputs_one_line_each(tmp_path):
     results = run_cli_many(tmp_path, [argv for argv, _ in cases.values()])
     for (name, (_, words)), (code, stderr) in zip(cases.items(), results):
         assert_one_line_error(code, stderr, *words)
+
+
+# ------------------------------------------------------------------------- defects of issue 16
+def test_collapse_cell_is_evaluated_on_its_training_subset(tmp_path, capsys):
+    """experiments/collapse.py passes --long_tail but not --subset: evaluate.py takes the
+    checkpoint's --subset (and --long_tail) on its training data, so the long-tail groups count
+    the images the cell trained on; the test split is the same balanced sample as dino.py's."""
+    args = our_args(subset=300, long_tail=10)
+    path = full_checkpoint(tmp_path / "cell.pth", tiny_network(), args=args)
+    results = evaluate.main(["--checkpoint", path, "--knn", "--long_tail", "10", "--nb_knn", "5",
+                             "--num_workers", "0", "--no_cache"])
+    train_y = np.asarray(dino.build_dataset(args, True, None).targets)
+    counts = np.bincount(train_y[dino.training_indices(args, train_y)])
+    assert results["data"]["train_images"] == 300 and results["data"]["test_images"] == 300
+    data = results["data"]
+    assert (data["largest_class"], data["smallest_class"]) == (counts.max(), counts.min())
+    assert results["data"]["test_classes"] == 10
+    assert "--subset 300: the checkpoint's" in capsys.readouterr().out

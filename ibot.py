@@ -1058,11 +1058,22 @@ def extract_features(model, dataset, args, device, amp_dtype, with_pixels=True):
 def ema_pairs(student, teacher):
     """Each teacher parameter and the student parameter of the same name. The student's mask token
     has no twin; a shared last layer is found under both its names (state dicts list both), so a
-    shared and a separate head pair up whichever side shares."""
+    shared and a separate head pair up whichever side shares. A shared teacher layer follows the
+    student's last_layer, as in main_ibot.py. A separate teacher last_layer2 follows a shared
+    student layer: main_ibot.py pairs by named_parameters(), which lists a shared layer once, so
+    it never updates it and the teacher's patch prototypes stay at their start (our departure)."""
     student_params = student.state_dict(keep_vars=True)
     names = [n for n, _ in teacher.named_parameters()]
     # detached views of the student's parameters: they see the optimizer's updates
     return [student_params[n].detach() for n in names], [p for _, p in teacher.named_parameters()]
+
+
+@torch.no_grad()
+def init_teacher(student, teacher):
+    """The teacher starts as the student, as main_ibot.py's load_state_dict(strict=False): a shared
+    teacher layer is loaded under both its names and ends as the student's last_layer2 (registered
+    last); the student's mask token, which the teacher never uses, stays out."""
+    teacher.load_state_dict(student.state_dict(), strict=False)
 
 
 def vmf_norms(student, teacher):
@@ -1235,9 +1246,7 @@ def main(argv=None):
     student_without_ddp = student
     if world > 1:
         student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    student_params, teacher_params = ema_pairs(student_without_ddp, teacher)
-    with torch.no_grad():  # the teacher starts as the student (less the mask token, which it never uses)
-        torch._foreach_copy_(teacher_params, student_params)
+    init_teacher(student_without_ddp, teacher)
     for p in teacher.parameters():
         p.requires_grad = False  # no backpropagation through the teacher
     sharing = lambda shared: "shared head" if shared else f"separate patch head ({args.patch_out_dim} prototypes)"

@@ -528,3 +528,24 @@ def test_resume_checks_every_architecture_argument(flag, saved, now):
     args, student, teacher, optimizer = built(now)
     with pytest.raises(ibot.BadInput, match=f"was trained with {flag} .* pass the same {flag} "):
         ibot.restore(ckpt, "ckpt.pth", args, student, teacher, optimizer, new_loss(64, 64), None)
+
+
+def test_shared_teacher_head_starts_as_official_and_separate_one_follows():
+    """Student separate, teacher shared: main_ibot.py's load_state_dict(strict=False) fills the
+    teacher's shared layer from the student's last_layer2 (loaded last), and its EMA follows the
+    student's last_layer. Student shared, teacher separate: ours EMA-updates the teacher's
+    last_layer2 from the shared layer, which main_ibot.py never updates (documented departure)."""
+    def built(student_shared):
+        args = ibot.parse_args(TINY + ["--shared_head", str(student_shared),
+                                       "--shared_head_teacher", str(not student_shared)])
+        student, teacher = ibot.build_models(args)
+        ibot.init_teacher(student, teacher)
+        s, t = ibot.ema_pairs(student, teacher)
+        return student.head, teacher.head, {b.data_ptr(): a.data_ptr() for a, b in zip(s, t)}
+
+    student, teacher, follows = built(False)
+    assert torch.equal(teacher.last_layer.weight_v, student.last_layer2.weight_v)
+    assert follows[teacher.last_layer.weight_v.data_ptr()] == student.last_layer.weight_v.data_ptr()
+    student, teacher, follows = built(True)
+    assert torch.equal(teacher.last_layer2.weight_v, student.last_layer.weight_v)
+    assert follows[teacher.last_layer2.weight_v.data_ptr()] == student.last_layer.weight_v.data_ptr()

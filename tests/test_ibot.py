@@ -548,4 +548,5 @@ def test_shared_teacher_head_starts_as_official_and_separate_one_follows():
     assert follows[teacher.last_layer.weight_v.data_ptr()] == student.last_layer.weight_v.data_ptr()
     student, teacher, follows = built(True)
     assert torch.equal(teacher.last_layer2.weight_v, student.last_layer.weight_v)
-    assert follows[teacher.last_layer2.weight_v.data_ptr()] == student.last_layer.weight_v.data_ptr()
+    t2, s1 = teacher.last_layer2.weight_v, student.last_layer.weight_v
+    assert follows[t2.data_ptr()] == s1.data_ptr()

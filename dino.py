@@ -23,6 +23,7 @@ import gzip
 import json
 import math
 import os
+import shutil
 import struct
 import sys
 import time
@@ -724,11 +725,36 @@ def cancel_gradients_last_layer(epoch, model, freeze_last_layer):
 def save_checkpoint(state, path):
     """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # e.g. the disk filled up during the run
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise BadInput(f"cannot write {path} ({e.strerror or e}): free space there and rerun; "
+                       "the previous checkpoint is intact") from None
+
+
+def check_output_dir(path, checkpoint_bytes):
+    """Fail before the first step, not after an epoch, where no checkpoint can be written."""
+    probe = os.path.join(path, ".write_test")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(bytes(4096))
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+        free = shutil.disk_usage(path).free
+    except OSError as e:
+        raise BadInput(f"cannot write to --output_dir {path} ({e.strerror or e}): "
+                       "pass a writable folder") from None
+    if free < checkpoint_bytes:
+        raise BadInput(f"--output_dir {path} has {free / 2**20:.0f} MB free, a checkpoint needs "
+                       f"~{checkpoint_bytes / 2**20:.0f} MB: free space or pass another folder")
 
 
 def safe_load(path):
@@ -1053,8 +1079,9 @@ def main(argv=None):
                                        optimizer, dino_loss, scaler)
         say(f"resumed from {resume} at epoch {start_epoch}")
     log_path = os.path.join(args.output_dir, "log.txt")
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
+    if rank == 0:  # room for student, teacher and AdamW's two moments: four copies of the weights
+        weights = sum(p.numel() * p.element_size() for p in student_without_ddp.parameters())
+        check_output_dir(args.output_dir, 4 * weights)
         old_log = os.path.join(os.path.dirname(resume or ""), "log.txt")
         if resume and not os.path.exists(log_path) and os.path.isfile(old_log):
             # a run continued in a new output_dir keeps its checkpoint's history, in the log and the plot

@@ -59,7 +59,7 @@ def get_args_parser():
     add("--fewshot", action="store_true", help="N-shot classification over random draws of the support set")
     add("--prototypes", action="store_true", help="prototype-collapse audit of the head (needs no data when alone)")
     add("--data", default=None, choices=list(dino.DATASETS) + ["inat2018"],
-        help="dataset [default: the checkpoint's --data, else the bundled Fashion-MNIST sample]")
+        help="dataset [default: the checkpoint's --data; without one only --prototypes runs]")
     add("--data_path", default=None, help="dataset folder (as dino.py; inat2018: the folder with train2018.json, val2018.json)")
     add("--long_tail", type=float, default=None, metavar="RHO", help="long-tailed training split "
         "as dino.py --long_tail RHO [default: the checkpoint's, on its data]")
@@ -575,9 +575,8 @@ def main(argv=None):
     layers = find_prototypes(head_state)
     if args.seed is None:
         args.seed = int(saved.get("seed", 0))
-    if args.data is None:  # evaluate on the data the checkpoint was trained on when we know it
-        known = saved.get("data") in dino.DATASETS
-        args.data, args.data_path = (saved["data"], args.data_path or saved.get("data_path")) if known else ("fashion-mnist", args.data_path)
+    if args.data is None and saved.get("data") in dino.DATASETS:  # the data it was trained on
+        args.data, args.data_path = saved["data"], args.data_path or saved.get("data_path")
     if (args.data, args.data_path or None) == (saved.get("data"), saved.get("data_path") or None):
         for flag in ("subset", "long_tail"):  # its training data: the images it trained on
             if getattr(args, flag) is None and saved.get(flag):
@@ -588,6 +587,13 @@ def main(argv=None):
         todo = dict(knn=True, linear=True, fewshot=True, prototypes=bool(layers))
     if args.prototypes and not layers:
         raise BadInput(f"{args.checkpoint} ('{source}') holds no head, so no prototypes to audit (backbone-only weights?)")
+    asked = [k for k in ("knn", "linear", "fewshot") if todo[k]]
+    if args.data is None and asked:  # e.g. an official checkpoint: no guess, no upsampled 28 px
+        if any(getattr(args, k) for k in asked) or not todo["prototypes"]:
+            raise BadInput(f"{args.checkpoint} does not say which data it was trained on: pass "
+                           "--data (and --data_path) for kNN, linear and few-shot, or --prototypes")
+        print("kNN, linear and few-shot skipped: the checkpoint does not name its data (--data)")
+        todo.update(knn=False, linear=False, fewshot=False)
     try:
         os.makedirs(args.output_dir, exist_ok=True)
         open(os.path.join(args.output_dir, ".write_test"), "w").close()

@@ -341,8 +341,11 @@ def test_bad_inputs_one_line_each(tmp_path):
         "junk": (["--checkpoint", str(junk)], ["junk.pth", "not a checkpoint"]),
         "key": (["--checkpoint", ours, "--checkpoint_key", "momentum"], ["no 'momentum' network", "student, teacher, dino_loss"]),
         "bare key": (["--checkpoint", str(bare), "--checkpoint_key", "teacher"], ["bare weights"]),
-        "arch": (["--checkpoint", str(bare), "--arch", "vit_small"], ["not vit_small/7"]),
-        "patch": (["--checkpoint", str(bare), "--patch_size", "4"], ["not vit_nano/4 (from --arch/--patch_size)"]),
+        "arch": (["--checkpoint", str(bare), "--arch", "vit_small", "--data", "fashion-mnist"],
+                 ["not vit_small/7"]),
+        "patch": (["--checkpoint", str(bare), "--patch_size", "4", "--data", "fashion-mnist"],
+                  ["not vit_nano/4 (from --arch/--patch_size)"]),
+        "no data": (["--checkpoint", str(bare)], ["does not say which data it was trained on"]),
         "no head": (["--checkpoint", str(bare), "--prototypes"], ["no head"]),
         "classes": (["--checkpoint", ours, "--knn", "--data", "folder", "--data_path", str(folder), "--num_workers", "0"],
                     ["classes of the train and val splits differ"]),
@@ -371,3 +374,14 @@ def test_collapse_cell_is_evaluated_on_its_training_subset(tmp_path, capsys):
     assert (data["largest_class"], data["smallest_class"]) == (counts.max(), counts.min())
     assert results["data"]["test_classes"] == 10
     assert "--subset 300: the checkpoint's" in capsys.readouterr().out
+
+
+def test_checkpoint_without_data_is_not_measured_on_fashion_mnist(tmp_path, capsys):
+    """An official checkpoint stores no data name: kNN asked for is one line naming --data, not a
+    kNN of 28 px Fashion-MNIST upsampled; with nothing asked only the prototype audit runs."""
+    path = full_checkpoint(tmp_path / "official.pth", tiny_network())
+    with pytest.raises(evaluate.BadInput, match="does not say which data it was trained on: pass"):
+        evaluate.main(["--checkpoint", path, "--knn"])
+    results = evaluate.main(["--checkpoint", path])
+    assert "prototypes" in results and not {"knn", "linear", "fewshot", "data"} & set(results)
+    assert "kNN, linear and few-shot skipped" in capsys.readouterr().out

@@ -444,6 +444,25 @@ def audit_prototypes(w, eps=0.025):
                 norm_max=float(w.norm(dim=1).max()))
 
 
+def teacher_targets(path, saved, head):
+    """(features -> logits, name): the head's logits as dino.py's log counts their argmax, with the
+    checkpoint's centre (DINO: minus the logit centre; -vMF: vMF normalizer over the probability
+    centre, at the final teacher temperature), else the raw head's."""
+    ckpt = dino.safe_load(path)
+    loss = next((ckpt[k] for k in ("dino_loss", "ibot_loss") if isinstance(ckpt.get(k), dict)), {})
+    center = loss.get("center")
+    K, p = head.last_layer.weight_v.shape
+    if not isinstance(center, torch.Tensor) or center.numel() != K:
+        return head, "raw head argmax: no centre in the checkpoint"
+    center = center.float().reshape(1, K).to(head.last_layer.weight_v.device)
+    if not saved.get("vmf"):
+        return (lambda f: head(f) - center), "centred teacher argmax, as dino.py's log"
+    temp = float(saved.get("teacher_temp", 0.04))
+    kappa = head.last_layer.weight_g.squeeze(1).abs() / temp
+    log_c = dino.vmf_log_normalizer(kappa, p) - center.log()
+    return (lambda f: head(f) / temp + log_c), "vMF-centred teacher argmax, as dino.py's log"
+
+
 def plot_audit(audits, usage_hist, path):
     import matplotlib
     matplotlib.use("Agg")  # no display needed
@@ -464,7 +483,7 @@ def plot_audit(audits, usage_hist, path):
     if usage_hist is not None:
         counts = usage_hist[usage_hist > 0].sort(descending=True).values.numpy()  # used prototypes only
         ax[3].loglog(np.arange(1, len(counts) + 1), counts, "o-", ms=3)
-        ax[3].set(xlabel="prototype rank", ylabel="images (argmax of the head)",
+        ax[3].set(xlabel="prototype rank", ylabel="images (argmax)",
                   title=f"usage on the data: {len(counts)} / {len(usage_hist)} used")
     ax[0].legend(fontsize=7)
     fig.tight_layout()
@@ -632,12 +651,15 @@ def main(argv=None):
                          f"norms {a['norm_min']:.3g} .. {a['norm_max']:.3g}"))
         head = build_head(head_state) if usage_feats is not None else None
         if head is not None:
-            with torch.no_grad():  # the head's argmax prototype of each image (no centring: the head as it is)
-                usage_hist = sum(koleo_proto.assignment_histogram(head.to(device)(f)) for f in usage_feats.split(4096)).cpu()
-            audits["usage"] = dict(images=len(usage_feats), **koleo_proto.usage_stats(usage_hist))
-            u = audits["usage"]
-            rows.append(("  usage on the data (head argmax)", f"{u['used']} / {len(usage_hist)} prototypes used by {u['images']} images, "
-                         f"perplexity {u['perplexity']:.1f}"))
+            targets, kind = teacher_targets(args.checkpoint, saved, head.to(device))
+            with torch.no_grad():  # the argmax prototype of each image
+                usage_hist = sum(koleo_proto.assignment_histogram(targets(f))
+                                 for f in usage_feats.split(4096)).cpu()
+            u = audits["usage"] = dict(images=len(usage_feats), kind=kind,
+                                       **koleo_proto.usage_stats(usage_hist))
+            rows.append((f"  usage on the data ({kind})", f"{u['used']} / {len(usage_hist)} "
+                         f"prototypes used by {u['images']} images, perplexity "
+                         f"{u['perplexity']:.1f}"))
         elif usage_feats is not None:
             rows.append(("  usage on the data", "skipped: the head is not a DINOHead"))
         results["prototypes"] = audits

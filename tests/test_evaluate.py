@@ -385,3 +385,21 @@ def test_checkpoint_without_data_is_not_measured_on_fashion_mnist(tmp_path, caps
     results = evaluate.main(["--checkpoint", path])
     assert "prototypes" in results and not {"knn", "linear", "fewshot", "data"} & set(results)
     assert "kNN, linear and few-shot skipped" in capsys.readouterr().out
+
+
+def test_usage_counts_the_centred_targets_as_the_training_log(tmp_path):
+    """dino.py's log counts the argmax of the centred teacher targets; the audit now does too when
+    the checkpoint holds the centre (a centre that favours one prototype puts every image there)."""
+    center = torch.full((1, 64), 1e3)
+    center[0, 5] = -1e3
+    path = full_checkpoint(tmp_path / "ours.pth", tiny_network(), args=our_args(),
+                           dino_loss={"center": center})
+    usage = evaluate.main(["--checkpoint", path, "--knn", "--prototypes", *QUICK])["prototypes"]
+    usage = usage["usage"]
+    assert usage["used"] == 1 and usage["kind"] == "centred teacher argmax, as dino.py's log"
+    vmf = full_checkpoint(tmp_path / "vmf.pth", tiny_network(norm_last_layer=False),
+                          args=dino.parse_args(["--out_dim", "64", "--vmf"]),
+                          dino_loss={"center": torch.full((1, 64), 1 / 64)})
+    usage = evaluate.main(["--checkpoint", vmf, "--knn", "--prototypes", *QUICK])["prototypes"]
+    usage = usage["usage"]
+    assert usage["kind"].startswith("vMF-centred") and usage["used"] >= 1

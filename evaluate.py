@@ -361,10 +361,24 @@ def fit_linear(x, y, num_classes, steps, weight_decay=1e-4):
     return layer.requires_grad_(False)
 
 
+def available_memory(device):
+    """Bytes that one solver may take: half the GPU's free memory, or half the machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
 def linear_fast(train_x, train_y, test_x, num_classes, steps):
     """Test predictions of logistic regression on cached features, standardized with the training
     statistics: a stand-in for the official 100 augmented epochs that converges in seconds on CPU
-    for 10^4 images (standardizing evens out the scales of the concatenated blocks for L-BFGS)."""
+    for 10^4 images (standardizing evens out the scales of the concatenated blocks for L-BFGS).
+    Full batch: refused, in one line, where it would not fit (ImageNet: > 15 GB)."""
+    (n, d), c = train_x.shape, num_classes  # standardized copy; logits, softmax, their gradient
+    need = 4 * (n * d + 3 * n * c + 2 * 10 * (d + 1) * c)  # + L-BFGS's 10 pairs of (D + 1) x C
+    if need > available_memory(train_x.device):
+        raise BadInput(f"the fast linear probe fits all {n} training images at once "
+                       f"(~{need / 2**30:.0f} GB): use --linear_protocol official (minibatches), "
+                       "or fewer images with --subset")
     mean, std = train_x.mean(dim=0), train_x.std(dim=0) + 1e-6
     layer = fit_linear((train_x - mean) / std, train_y, num_classes, steps)
     return layer((test_x - mean) / std).argmax(dim=1)

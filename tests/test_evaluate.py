@@ -403,3 +403,13 @@ def test_usage_counts_the_centred_targets_as_the_training_log(tmp_path):
     usage = evaluate.main(["--checkpoint", vmf, "--knn", "--prototypes", *QUICK])["prototypes"]
     usage = usage["usage"]
     assert usage["kind"].startswith("vMF-centred") and usage["used"] >= 1
+
+
+def test_fast_linear_probe_refuses_what_would_not_fit(monkeypatch):
+    """L-BFGS holds all training features, logits and gradients at once: estimated first, and over
+    the memory bound it is one line naming the minibatch protocol, not an out-of-memory crash."""
+    x, y = torch.randn(1000, 64), torch.randint(0, 10, (1000,))
+    assert len(evaluate.linear_fast(x, y, x[:5], 10, 5)) == 5
+    monkeypatch.setattr(evaluate, "available_memory", lambda device: 10**5)  # need: 0.4 MB
+    with pytest.raises(evaluate.BadInput, match="use --linear_protocol official"):
+        evaluate.linear_fast(x, y, x[:5], 10, 5)

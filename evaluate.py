@@ -72,7 +72,8 @@ def get_args_parser():
     add("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200], help="k values of the kNN classifier; k=20 (else the first) is the headline")
     add("--temperature", type=float, default=0.07, help="kNN vote temperature")
     add("--linear_protocol", default="fast", choices=["fast", "official"],
-        help="fast: logistic regression on cached features (CPU, seconds); official: eval_linear.py (GPU, hours)")
+        help="fast: logistic regression on cached features (CPU, seconds); official: "
+        "eval_linear.py's recipe in one process, last-epoch accuracy (GPU, hours)")
     add("--linear_steps", type=int, default=1000, help="fast protocol and few-shot: most L-BFGS steps (stops earlier when converged)")
     add("--linear_epochs", type=int, default=100, help="official protocol: epochs")
     add("--linear_lr", type=float, default=0.001, help="official protocol: SGD lr at batch 256 (scaled linearly)")
@@ -82,7 +83,9 @@ def get_args_parser():
     add("--fewshot_classifier", default="linear", choices=["linear", "centroid"],
         help="logistic regression on L2-normalized features, or the nearest class mean by cosine")
     add("--num_workers", type=int, default=2, help="data-loading processes")
-    add("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype (auto: bf16 on a GPU, else fp32)")
+    add("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+        help="autocast dtype of the features (auto: fp32, where kNN is eval_knn.py's; "
+        "bf16 is faster on a GPU)")
     add("--output_dir", default=None, help="where the JSON, PNG and feature cache go [default: beside the checkpoint]")
     add("--no_cache", action="store_true", help="neither read nor write cached features")
     return p
@@ -385,9 +388,11 @@ def linear_fast(train_x, train_y, test_x, num_classes, steps):
 
 
 def linear_official(features, train_set, test_set, num_classes, args, device, amp_dtype):
-    """Test predictions of the official eval_linear.py protocol: a linear layer (weights N(0, 0.01),
-    bias 0, no BN) on frozen features of augmented images (RandomResizedCrop + flip), SGD momentum
-    0.9, lr 0.001 * batch / 256, no weight decay, cosine to 0 over 100 epochs; one process."""
+    """Test predictions of the recipe of the official eval_linear.py: a linear layer (weights
+    N(0, 0.01), bias 0, no BN) on frozen features of augmented images (bilinear RandomResizedCrop
+    + flip), SGD momentum 0.9, lr 0.001 * batch / 256, no weight decay, cosine to 0 over 100
+    epochs. Unlike it: one process, and the last epoch's accuracy, not the best of its evaluations
+    (which picks an epoch on the test set)."""
     linear = nn.Linear(features.dim, num_classes).to(device)
     nn.init.normal_(linear.weight, std=0.01)
     nn.init.zeros_(linear.bias)
@@ -490,7 +495,8 @@ def plot_audit(audits, usage_hist, path):
         ax[2].bar(np.arange(1, len(a["largest_groups"]) + 1) + 0.4 * i, a["largest_groups"], width=0.4 if len(audits) > 1 else 0.8, label=name)
     ax[0].axvline(0.025, color="grey", ls=":")
     ax[0].set_ylim(0, 1.05 * max(a["prototypes"] for a in audits.values()))  # collapse shows as a drop from K
-    ax[0].set(xlabel="eps (chord distance)", ylabel="unique prototypes", title="unique prototypes vs eps")
+    ax[0].set(xlabel="eps (chord distance)", ylabel="groups (single linkage)",
+              title="groups vs eps: copies at small eps, connectivity at large")
     ax[1].axvline(0.025, color="grey", ls=":")
     ax[1].set(xscale="log", xlabel="distance to the nearest other prototype", ylabel="prototypes", title="nearest-neighbour distances")
     ax[2].set(xlabel="rank", ylabel="prototypes in the group", title="largest groups of near copies (eps 0.025)")
@@ -554,7 +560,9 @@ def evaluate_data(args, todo, backbone, train_size, key_base, results, rows, dev
         knn = knn_eval(train_cls, train_y, test_cls, test_y, args.nb_knn, args.temperature, C)
         head_k = 20 if 20 in knn else args.nb_knn[0]
         results["knn"] = dict(T=args.temperature, headline_k=head_k, **{str(k): dict(top1=a, top5=b) for k, (a, b) in knn.items()})
-        rows.append((f"kNN top-1 (T={args.temperature})", "  ".join(f"k={k}: {a:.2f}" for k, (a, _) in knn.items())))
+        fp = "" if amp_dtype is None else f", {args.precision} features: not eval_knn.py's fp32"
+        rows.append((f"kNN top-1 (T={args.temperature}{fp})",
+                     "  ".join(f"k={k}: {a:.2f}" for k, (a, _) in knn.items())))
         rows.append((f"kNN k={head_k} (headline)", f"top-1 {knn[head_k][0]:.2f}   top-5 {knn[head_k][1]:.2f}"))
         if long_tailed:
             groups["knn"] = shot_groups(knn_per_class(train_cls, train_y, test_cls, test_y, head_k, args.temperature, C), counts)
@@ -564,12 +572,13 @@ def evaluate_data(args, todo, backbone, train_size, key_base, results, rows, dev
             pred = linear_fast(train_f, train_y, test_f, C, args.linear_steps)
             how = f"fast: logistic regression, L-BFGS (<= {args.linear_steps} steps) on standardized cached features"
         else:
-            aug = transforms.Compose([transforms.RandomResizedCrop(size, interpolation=transforms.InterpolationMode.BICUBIC),
+            aug = transforms.Compose([transforms.RandomResizedCrop(size),  # bilinear, as official
                                       transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(mean, std)])
             train_aug = torch.utils.data.Subset(build_splits(args, aug)[0], [int(i) for i in train_idx])
             pred = linear_official(features, train_aug, torch.utils.data.Subset(test_set, [int(i) for i in test_idx]),
                                    C, args, device, amp_dtype).to(device)
-            how = f"official: SGD, {args.linear_epochs} epochs, batch {args.linear_batch}, augmented"
+            how = (f"eval_linear.py's recipe: SGD, {args.linear_epochs} epochs, batch "
+                   f"{args.linear_batch}, augmented; one process, last epoch (it reports its best)")
         top1 = 100 * (pred == test_y).float().mean().item()
         what = (f"CLS of the last {n_blocks} blocks" + (" + mean patch token" if avgpool else "") if vit else "pooled") + f", {features.dim}-d"
         results["linear"] = dict(protocol=args.linear_protocol, top1=top1, features=what, method=how, seconds=time.time() - t)
@@ -634,9 +643,7 @@ def main(argv=None):
     except OSError as e:
         raise BadInput(f"cannot write to {args.output_dir} ({e.__class__.__name__}): pass a writable --output_dir") from None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}.get(args.precision)
-    if args.precision == "auto":
-        amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)  # auto: fp32
     torch.manual_seed(args.seed)
 
     results = dict(checkpoint=os.path.abspath(args.checkpoint), network=source)
@@ -660,7 +667,8 @@ def main(argv=None):
             rows.append((f"prototypes {name}", f"{a['unique']} / {a['prototypes']} unique at eps 0.025 ({a['unique_percent']:.1f}%), "
                          f"{a['groups_with_copies']} group{'s' * (a['groups_with_copies'] != 1)} of near copies, "
                          f"largest {a['largest_groups'][:5]}"))
-            rows.append(("  unique vs eps", "  ".join(f"{e:g}: {u}" for e, u in a["curve"])))
+            rows.append(("  groups vs eps (single linkage)",
+                         "  ".join(f"{e:g}: {u}" for e, u in a["curve"])))
             rows.append(("  nearest-neighbour distance", f"median {a['nn_distance_median']:.4f}, KoLeo {a['koleo']:.3f}, "
                          f"norms {a['norm_min']:.3g} .. {a['norm_max']:.3g}"))
         head = build_head(head_state) if usage_feats is not None else None

@@ -340,7 +340,9 @@ TRAINING_EPS = (0.025, 0.1, 0.3)  # the paper's threshold, and two looser ones t
 def collapse_stats(prototypes, suffix=""):
     """Per-epoch collapse figures of a (K, D) prototype matrix for a training log: unique
     prototypes at eps = 0.025 (key 'unique_prototypes'), at 0.1 and 0.3 (prototypes moving
-    together show there before they are counted as copies), and the KoLeo value."""
+    together show there before they are counted as copies), and the KoLeo value. At 0.1 and 0.3
+    the single-linkage groups are chains of prototypes closer than eps: they measure how
+    connected the prototypes are, not how many are copies."""
     curve = dict(unique_prototype_curve(prototypes, TRAINING_EPS))
     stats = {"unique_prototypes" + suffix: curve[0.025], "koleo" + suffix: koleo_proto_loss(prototypes).item()}
     stats.update({f"unique_prototypes{suffix}_eps{e}": curve[e] for e in TRAINING_EPS[1:]})
@@ -362,10 +364,12 @@ def plot_training(log, num_prototypes, path, title=""):
         for eps, marker, color in zip(TRAINING_EPS, "os^", ("C0", "C1", "C2")):  # one colour per eps
             key = "unique_prototypes" + suffix + ("" if eps == TRAINING_EPS[0] else f"_eps{eps}")
             if key in log[-1]:
+                kind = " (groups)" if eps > 0.05 else ""
                 ax[0].plot(epochs, [e.get(key) for e in log], style + marker, color=color, ms=4,
-                           label=f"{names[suffix]}, eps {eps}")
+                           label=f"{names[suffix]}, eps {eps}{kind}")
     ax[0].set_ylim(0, 1.05 * num_prototypes)  # collapse shows as a drop from K
-    ax[0].set(xlabel="epoch", ylabel="unique prototypes", title=f"unique prototypes (K = {num_prototypes})")
+    ax[0].set(xlabel="epoch", ylabel="unique prototypes (groups at eps >= 0.1)",
+              title=f"unique prototypes (K = {num_prototypes})")
     ax[0].legend(fontsize=7)
     if "usage_used" in log[-1]:
         ax[1].plot(epochs, [e["usage_used"] for e in log], "o-", ms=4, label="used (argmax at least once)")

@@ -413,3 +413,18 @@ def test_fast_linear_probe_refuses_what_would_not_fit(monkeypatch):
     monkeypatch.setattr(evaluate, "available_memory", lambda device: 10**5)  # need: 0.4 MB
     with pytest.raises(evaluate.BadInput, match="use --linear_protocol official"):
         evaluate.linear_fast(x, y, x[:5], 10, 5)
+
+
+def test_labels_say_what_they_measure(tmp_path, capsys):
+    """The 'official' linear protocol is called eval_linear.py's recipe in one process with the
+    last epoch (bilinear crops, as it); kNN features in bf16 are flagged as not eval_knn.py's
+    fp32; counts over eps are single-linkage groups, not copies."""
+    path = full_checkpoint(tmp_path / "ours.pth", tiny_network(), args=our_args())
+    assert evaluate.parse_args(["--checkpoint", path]).precision == "auto"  # auto = fp32
+    argv = ["--knn", "--linear", "--prototypes", "--precision", "bf16",
+            "--linear_protocol", "official"]
+    results = evaluate.main(["--checkpoint", path, *argv, "--linear_epochs", "1", *QUICK])
+    assert "one process, last epoch (it reports its best)" in results["linear"]["method"]
+    out = capsys.readouterr().out
+    assert "bf16 features: not eval_knn.py's fp32" in out
+    assert "groups vs eps (single linkage)" in out

@@ -23,6 +23,7 @@ import gzip
 import json
 import math
 import os
+import shutil
 import struct
 import sys
 import time
@@ -157,7 +158,8 @@ def get_args_parser():
                         "default: off): the first steps compile, later ones run faster")
     p.add_argument("--output_dir", default=None, help="where checkpoints and logs go (default runs/dino-<data>)")
     p.add_argument("--resume", default=None, help="checkpoint to continue from (default: output_dir/checkpoint.pth if any)")
-    p.add_argument("--subset", type=int, default=None, help="use only the first N training and N test images (quick checks)")
+    p.add_argument("--subset", type=int, default=None, help="use N training and N test images, "
+                   "a seeded sample keeping the class shares (quick checks)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by old launchers
     return p
@@ -166,9 +168,15 @@ def get_args_parser():
 def parse_args(argv=None):
     args = get_args_parser().parse_args(argv)
     preset = PRESETS.get(args.preset or args.data, {})
-    for name, official in OFFICIAL.items():
-        if getattr(args, name) is None:
-            setattr(args, name, preset.get(name, official))
+    unset = [name for name in OFFICIAL if getattr(args, name) is None]
+    for name in unset:
+        setattr(args, name, preset.get(name, OFFICIAL[name]))
+    for name in ("warmup_epochs", "warmup_teacher_temp_epochs"):  # a warm-up not asked for fits
+        if name in unset and getattr(args, name) > args.epochs:
+            if os.environ.get("RANK", "0") == "0":
+                print(f"--{name} {getattr(args, name)} of the preset shortened to --epochs "
+                      f"{args.epochs}")
+            setattr(args, name, args.epochs)
     if args.vmf:
         args.norm_last_layer = False  # vMF components need free norms: kappa_k = ||w_k|| / tau
     args.output_dir = args.output_dir or os.path.join("runs", f"dino-{args.preset or args.data}")
@@ -345,14 +353,28 @@ def long_tail_indices(targets, rho, seed):
     return np.sort(np.concatenate(keep))
 
 
+def balanced_subset(indices, targets, n, seed):
+    """n of the indices drawn at random (seeded), each class keeping its share of them (largest
+    remainder): the first n would be a few classes of a folder tree, which is sorted by class."""
+    indices = np.asarray(indices)
+    if n is None or n >= len(indices):
+        return indices
+    labels = np.asarray(targets)[indices]
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * n / len(indices)
+    take = np.floor(quota).astype(int)
+    take[np.argsort(take - quota, kind="stable")[:n - take.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    keep = [rng.choice(indices[labels == c], k, replace=False) for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(keep))
+
+
 def training_indices(args, targets):
     """Which training images are used: --long_tail subsampling, then --subset."""
     indices = np.arange(len(targets))
     if args.long_tail:
         indices = long_tail_indices(targets, args.long_tail, args.seed)
-    if args.subset:
-        indices = indices[:args.subset]
-    return indices
+    return balanced_subset(indices, targets, args.subset, args.seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -608,7 +630,10 @@ class DINOLoss(nn.Module):
     probability space: c is a running mean of the teacher probabilities, and the target is
     softmax(logits / tau - log c), i.e. q_k / c_k renormalized. Logit centring would subtract the
     normalizer itself. The exact centring of the paper is not public in a form we could check; this
-    is our reading.
+    is our reading. c is floored at the smallest normal float: the centre of a prototype that is
+    never picked shrinks by the momentum each step, into denormals, and to 0 where they are flushed
+    (as on many accelerators), which makes log c = -inf and the targets NaN. While c_k is a normal
+    float the floor changes nothing: the targets stay q_k / c_k, on any hardware.
     """
 
     def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs,
@@ -654,6 +679,8 @@ class DINOLoss(nn.Module):
             world = dist.get_world_size()
         batch_center = batch_center / (len(teacher_output) * world)
         self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+        if self.vmf_dim:  # the floor of the class docstring
+            self.center = self.center.clamp_min(torch.finfo(torch.float32).tiny)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -701,11 +728,36 @@ def cancel_gradients_last_layer(epoch, model, freeze_last_layer):
 def save_checkpoint(state, path):
     """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # e.g. the disk filled up during the run
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise BadInput(f"cannot write {path} ({e.strerror or e}): free space there and rerun; "
+                       "the previous checkpoint is intact") from None
+
+
+def check_output_dir(path, checkpoint_bytes):
+    """Fail before the first step, not after an epoch, where no checkpoint can be written."""
+    probe = os.path.join(path, ".write_test")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(bytes(4096))
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+        free = shutil.disk_usage(path).free
+    except OSError as e:
+        raise BadInput(f"cannot write to --output_dir {path} ({e.strerror or e}): "
+                       "pass a writable folder") from None
+    if free < checkpoint_bytes:
+        raise BadInput(f"--output_dir {path} has {free / 2**20:.0f} MB free, a checkpoint needs "
+                       f"~{checkpoint_bytes / 2**20:.0f} MB: free space or pass another folder")
 
 
 def safe_load(path):
@@ -745,10 +797,12 @@ def restore(ckpt, path, args, student, teacher, optimizer, dino_loss, scaler):
     """Load a training checkpoint; a different architecture is one clear line, not a key dump."""
     saved = ckpt.get("args")
     saved = vars(saved) if isinstance(saved, argparse.Namespace) else (saved or {})
-    for key in ("arch", "patch_size", "out_dim", "bottleneck_dim", "use_bn_in_head", "vmf"):
+    # every flag that shapes the weights or the optimizer's parameter groups
+    for key in ("arch", "patch_size", "global_crops_size", "out_dim", "bottleneck_dim",
+                "use_bn_in_head", "vmf", "norm_last_layer", "optimizer", "weight_decay_last_layer"):
         if key in saved and saved[key] != getattr(args, key):
             raise BadInput(f"{path} was trained with --{key} {saved[key]}, this run has {getattr(args, key)}: "
-                           f"pass --{key} {saved[key]} or use another --output_dir")
+                           f"pass the same --{key} or use another --output_dir")
     try:
         student.load_state_dict(strip_prefix(ckpt["student"]))
         teacher.load_state_dict(strip_prefix(ckpt["teacher"]))
@@ -850,6 +904,11 @@ def train_one_epoch(student, teacher, student_without_ddp, dino_loss, loader, op
     K = args.out_dim
     sums = torch.zeros(3, device=device)  # running sums of loss, KoLeo term, teacher entropy: no sync per step
     usage = torch.zeros(K, dtype=torch.long, device=device)
+    # A step whose loss is not finite changes nothing. A fused optimizer skips it on the device
+    # (found_inf, as GradScaler uses it) and the check is read every 20 steps, with no host sync;
+    # with another (the CPU's, where a read waits for nothing) the run stops before the update.
+    on_device = bool(optimizer.defaults.get("fused"))
+    first_bad = torch.zeros((), dtype=torch.long, device=device)  # step of the first bad loss
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0, leave=False)
     for i, (crops, _) in enumerate(bar):
         it = len(loader) * epoch + i  # global step: the schedules are per iteration
@@ -867,9 +926,16 @@ def train_one_epoch(student, teacher, student_without_ddp, dino_loss, loader, op
             if args.vmf:
                 norms = dict(student_norms=prototypes.weight_g.squeeze(1).abs(),
                              teacher_norms=teacher.head.last_layer.weight_g.squeeze(1).abs())
+            center = dino_loss.center
             loss = dino_loss(student_output, teacher_output, epoch, **norms)
             koleo = koleo_proto.koleo_proto_loss(prototypes.weight) if args.koleo > 0 else torch.zeros((), device=device)
             total = loss + args.koleo * koleo
+        finite = all_finite(total)
+        dino_loss.center = torch.where(finite, dino_loss.center, center)  # nor the centre
+        if not on_device and not finite:
+            raise diverged(total.item(), epoch, i + 1)
+        if on_device:
+            first_bad = torch.where((first_bad > 0) | finite, first_bad, i + 1)
 
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:  # fp16: scale the loss so small gradients do not underflow
@@ -880,28 +946,33 @@ def train_one_epoch(student, teacher, student_without_ddp, dino_loss, loader, op
         if args.clip_grad:
             clip_gradients(student_without_ddp, args.clip_grad)
         cancel_gradients_last_layer(epoch, student_without_ddp, args.freeze_last_layer)
-        if scaler is not None:
+        if scaler is not None:  # it skips a step whose gradients are not finite
             scaler.step(optimizer)
             scaler.update()
         else:
+            if on_device:
+                optimizer.found_inf = (~finite).float()  # the fused kernel skips the update where 1
             optimizer.step()
 
         with torch.no_grad():  # teacher = exponential moving average of the student (Sec. 3.1)
             m = momentum_schedule[it]
-            torch._foreach_mul_(teacher_params, m)  # one fused kernel per step, not one per tensor
-            torch._foreach_add_(teacher_params, student_params, alpha=1 - m)
+            if on_device:  # a skipped step leaves the teacher as it is
+                m = torch.where(finite, m, 1.0)
+                torch._foreach_mul_(teacher_params, m)
+                torch._foreach_add_(teacher_params, torch._foreach_mul(student_params, 1 - m))
+            else:
+                torch._foreach_mul_(teacher_params, m)  # one fused kernel per step, not per tensor
+                torch._foreach_add_(teacher_params, student_params, alpha=1 - m)
             q = dino_loss.teacher_probs
             entropy = -(q * torch.log(q + 1e-12)).sum(dim=-1).mean()
             sums += torch.stack([loss.detach(), koleo.detach(), entropy])
             usage += koleo_proto.assignment_histogram(q)
 
         if (i + 1) % 20 == 0 or i + 1 == len(loader):  # the only host sync: check for NaN, show the loss
-            mean_loss = sums[0].item() / (i + 1)
-            if not math.isfinite(mean_loss):
-                raise BadInput(f"the loss became {mean_loss} at epoch {epoch + 1}, step {i + 1}: training diverged. "
-                               "Try a lower --lr, a smaller --clip_grad, --precision bf16 or fp32 instead of fp16, "
-                               "or a longer --warmup_teacher_temp_epochs; the last checkpoint in --output_dir is intact")
-            bar.set_postfix(loss=f"{mean_loss:.4f}")
+            loss_sum, bad = sums[0].item(), int(first_bad)
+            if bad:
+                raise diverged(loss_sum, epoch, bad)
+            bar.set_postfix(loss=f"{loss_sum / (i + 1):.4f}")
     if dist.is_initialized():
         dist.all_reduce(sums)
         dist.all_reduce(usage)
@@ -911,6 +982,21 @@ def train_one_epoch(student, teacher, student_without_ddp, dino_loss, loader, op
     if args.koleo > 0:
         stats["koleo_train"] = koleo_mean
     return stats, usage
+
+
+def all_finite(loss):
+    """A device tensor: is the loss finite on every process (no host sync)."""
+    finite = torch.isfinite(loss.detach()).float()
+    if dist.is_initialized():  # gradients are averaged: one process's NaN would reach all
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return finite.bool()
+
+
+def diverged(value, epoch, step):
+    return BadInput(f"the loss became {value} at epoch {epoch + 1}, step {step}: training diverged."
+                    " Try a lower --lr, a smaller --clip_grad, --precision bf16 or fp32 instead of "
+                    "fp16, or a longer --warmup_teacher_temp_epochs; the last checkpoint in "
+                    "--output_dir is intact")
 
 
 def prototype_stats(teacher, student, usage):
@@ -944,6 +1030,7 @@ def main(argv=None):
                        f"{len(indices)} training images: lower it")
     counts = np.bincount(np.asarray(train_set.targets)[indices])
     say(f"data: {args.data}, {len(indices)} training images, {len(counts)} classes"
+        + (f" (--subset: drawn with --seed {args.seed}, class shares kept)" if args.subset else "")
         + (f", long-tailed RHO={args.long_tail}: largest class {counts.max()}, smallest {counts.min()}" if args.long_tail else ""))
     train_subset = torch.utils.data.Subset(train_set, indices)
     if world > 1:
@@ -984,7 +1071,7 @@ def main(argv=None):
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, fused=device.type == "cuda")
     else:
-        optimizer = torch.optim.SGD(params, lr=0, momentum=0.9)
+        optimizer = torch.optim.SGD(params, lr=0, momentum=0.9, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
     # ---- schedules: per iteration, the lr scaled linearly with the total batch (Goyal et al., 2017)
@@ -1004,8 +1091,9 @@ def main(argv=None):
                                        optimizer, dino_loss, scaler)
         say(f"resumed from {resume} at epoch {start_epoch}")
     log_path = os.path.join(args.output_dir, "log.txt")
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
+    if rank == 0:  # room for student, teacher and AdamW's two moments: four copies of the weights
+        weights = sum(p.numel() * p.element_size() for p in student_without_ddp.parameters())
+        check_output_dir(args.output_dir, 4 * weights)
         old_log = os.path.join(os.path.dirname(resume or ""), "log.txt")
         if resume and not os.path.exists(log_path) and os.path.isfile(old_log):
             # a run continued in a new output_dir keeps its checkpoint's history, in the log and the plot
@@ -1078,7 +1166,7 @@ def evaluate(args, teacher, train_set, indices, device, amp_dtype, mean, std, sa
         return dict(knn_top1=None, knn_top5=None, raw_pixel_knn_top1=None)
     teacher.eval()
     backbone = teacher.backbone
-    test_indices = np.arange(len(test_eval))[:args.subset]
+    test_indices = balanced_subset(range(len(test_eval)), test_eval.targets, args.subset, args.seed)
     pixels = len(indices) <= 200_000  # raw pixels of ImageNet would not fit in memory
     train_feats, *train_pixels = extract_features(backbone, torch.utils.data.Subset(train_eval, indices), args, device, amp_dtype, pixels)
     test_feats, *test_pixels = extract_features(backbone, torch.utils.data.Subset(test_eval, test_indices), args, device, amp_dtype, pixels)

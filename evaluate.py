@@ -64,18 +64,21 @@ def get_args_parser():
     add("--fewshot", action="store_true", help="N-shot classification over random draws of the support set")
     add("--prototypes", action="store_true", help="prototype-collapse audit of the head (needs no data when alone)")
     add("--data", default=None, choices=list(dino.DATASETS) + ["inat2018"],
-        help="dataset [default: the checkpoint's --data, else the bundled Fashion-MNIST sample]")
+        help="dataset [default: the checkpoint's --data; without one only --prototypes runs]")
     add("--data_path", default=None, help="dataset folder (as dino.py; inat2018: the folder with train2018.json, val2018.json)")
-    add("--long_tail", type=float, default=None, metavar="RHO", help="long-tailed training split as dino.py --long_tail RHO")
+    add("--long_tail", type=float, default=None, metavar="RHO", help="long-tailed training split "
+        "as dino.py --long_tail RHO [default: the checkpoint's, on its data]")
     add("--seed", type=int, default=None, help="seed of the long-tail subset and few-shot draws [default: the checkpoint's, else 0]")
-    add("--subset", type=int, default=None, help="use only the first N training and N test images (quick checks)")
+    add("--subset", type=int, default=None, help="use N training and N test images, a seeded "
+        "sample keeping each class's share, as dino.py [default: the checkpoint's, on its data]")
     add("--image_size", type=int, default=None, help="side of the evaluated crop [default: the checkpoint's training crop]")
     add("--n_last_blocks", type=int, default=None, help="linear probe reads the CLS of the last n blocks [default: official, 4; ViT-B 1]")
     add("--avgpool_patchtokens", type=dino.bool_flag, default=None, help="linear probe also reads the mean patch token [default: official, ViT-B only]")
     add("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200], help="k values of the kNN classifier; k=20 (else the first) is the headline")
     add("--temperature", type=float, default=0.07, help="kNN vote temperature")
     add("--linear_protocol", default="fast", choices=["fast", "official"],
-        help="fast: logistic regression on cached features (CPU, seconds); official: eval_linear.py (GPU, hours)")
+        help="fast: logistic regression on cached features (CPU, seconds); official: "
+        "eval_linear.py's recipe in one process, last-epoch accuracy (GPU, hours)")
     add("--linear_steps", type=int, default=1000, help="fast protocol and few-shot: most L-BFGS steps (stops earlier when converged)")
     add("--linear_epochs", type=int, default=100, help="official protocol: epochs")
     add("--linear_lr", type=float, default=0.001, help="official protocol: SGD lr at batch 256 (scaled linearly)")
@@ -85,7 +88,9 @@ def get_args_parser():
     add("--fewshot_classifier", default="linear", choices=["linear", "centroid"],
         help="logistic regression on L2-normalized features, or the nearest class mean by cosine")
     add("--num_workers", type=int, default=2, help="data-loading processes")
-    add("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype (auto: bf16 on a GPU, else fp32)")
+    add("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+        help="autocast dtype of the features (auto: fp32, where kNN is eval_knn.py's; "
+        "bf16 is faster on a GPU)")
     add("--output_dir", default=None, help="where the JSON, PNG and feature cache go [default: beside the checkpoint]")
     add("--no_cache", action="store_true", help="neither read nor write cached features")
     return p
@@ -390,19 +395,35 @@ def fit_linear(x, y, num_classes, steps, weight_decay=1e-4):
     return layer.requires_grad_(False)
 
 
+def available_memory(device):
+    """Bytes that one solver may take: half the GPU's free memory, or half the machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
 def linear_fast(train_x, train_y, test_x, num_classes, steps):
     """Test predictions of logistic regression on cached features, standardized with the training
     statistics: a stand-in for the official 100 augmented epochs that converges in seconds on CPU
-    for 10^4 images (standardizing evens out the scales of the concatenated blocks for L-BFGS)."""
+    for 10^4 images (standardizing evens out the scales of the concatenated blocks for L-BFGS).
+    Full batch: refused, in one line, where it would not fit (ImageNet: > 15 GB)."""
+    (n, d), c = train_x.shape, num_classes  # standardized copy; logits, softmax, their gradient
+    need = 4 * (n * d + 3 * n * c + 2 * 10 * (d + 1) * c)  # + L-BFGS's 10 pairs of (D + 1) x C
+    if need > available_memory(train_x.device):
+        raise BadInput(f"the fast linear probe fits all {n} training images at once "
+                       f"(~{need / 2**30:.0f} GB): use --linear_protocol official (minibatches), "
+                       "or fewer images with --subset")
     mean, std = train_x.mean(dim=0), train_x.std(dim=0) + 1e-6
     layer = fit_linear((train_x - mean) / std, train_y, num_classes, steps)
     return layer((test_x - mean) / std).argmax(dim=1)
 
 
 def linear_official(features, train_set, test_set, num_classes, args, device, amp_dtype):
-    """Test predictions of the official eval_linear.py protocol: a linear layer (weights N(0, 0.01),
-    bias 0, no BN) on frozen features of augmented images (RandomResizedCrop + flip), SGD momentum
-    0.9, lr 0.001 * batch / 256, no weight decay, cosine to 0 over 100 epochs; one process."""
+    """Test predictions of the recipe of the official eval_linear.py: a linear layer (weights
+    N(0, 0.01), bias 0, no BN) on frozen features of augmented images (bilinear RandomResizedCrop
+    + flip), SGD momentum 0.9, lr 0.001 * batch / 256, no weight decay, cosine to 0 over 100
+    epochs. Unlike it: one process, and the last epoch's accuracy, not the best of its evaluations
+    (which picks an epoch on the test set)."""
     linear = nn.Linear(features.dim, num_classes).to(device)
     nn.init.normal_(linear.weight, std=0.01)
     nn.init.zeros_(linear.bias)
@@ -473,6 +494,25 @@ def audit_prototypes(w, eps=0.025):
                 norm_max=float(w.norm(dim=1).max()))
 
 
+def teacher_targets(path, saved, head):
+    """(features -> logits, name): the head's logits as dino.py's log counts their argmax, with the
+    checkpoint's centre (DINO: minus the logit centre; -vMF: vMF normalizer over the probability
+    centre, at the final teacher temperature), else the raw head's."""
+    ckpt = dino.safe_load(path)
+    loss = next((ckpt[k] for k in ("dino_loss", "ibot_loss") if isinstance(ckpt.get(k), dict)), {})
+    center = loss.get("center")
+    K, p = head.last_layer.weight_v.shape
+    if not isinstance(center, torch.Tensor) or center.numel() != K:
+        return head, "raw head argmax: no centre in the checkpoint"
+    center = center.float().reshape(1, K).to(head.last_layer.weight_v.device)
+    if not saved.get("vmf"):
+        return (lambda f: head(f) - center), "centred teacher argmax, as dino.py's log"
+    temp = float(saved.get("teacher_temp", 0.04))
+    kappa = head.last_layer.weight_g.squeeze(1).abs() / temp
+    log_c = dino.vmf_log_normalizer(kappa, p) - center.log()
+    return (lambda f: head(f) / temp + log_c), "vMF-centred teacher argmax, as dino.py's log"
+
+
 def plot_audit(audits, usage_hist, path):
     import matplotlib
     matplotlib.use("Agg")  # no display needed
@@ -486,14 +526,15 @@ def plot_audit(audits, usage_hist, path):
         ax[2].bar(np.arange(1, len(a["largest_groups"]) + 1) + 0.4 * i, a["largest_groups"], width=0.4 if len(audits) > 1 else 0.8, label=name)
     ax[0].axvline(0.025, color="grey", ls=":")
     ax[0].set_ylim(0, 1.05 * max(a["prototypes"] for a in audits.values()))  # collapse shows as a drop from K
-    ax[0].set(xlabel="eps (chord distance)", ylabel="unique prototypes", title="unique prototypes vs eps")
+    ax[0].set(xlabel="eps (chord distance)", ylabel="groups (single linkage)",
+              title="groups vs eps: copies at small eps, connectivity at large")
     ax[1].axvline(0.025, color="grey", ls=":")
     ax[1].set(xscale="log", xlabel="distance to the nearest other prototype", ylabel="prototypes", title="nearest-neighbour distances")
     ax[2].set(xlabel="rank", ylabel="prototypes in the group", title="largest groups of near copies (eps 0.025)")
     if usage_hist is not None:
         counts = usage_hist[usage_hist > 0].sort(descending=True).values.numpy()  # used prototypes only
         ax[3].loglog(np.arange(1, len(counts) + 1), counts, "o-", ms=3)
-        ax[3].set(xlabel="prototype rank", ylabel="images (argmax of the head)",
+        ax[3].set(xlabel="prototype rank", ylabel="images (argmax)",
                   title=f"usage on the data: {len(counts)} / {len(usage_hist)} used")
     ax[0].legend(fontsize=7)
     fig.tight_layout()
@@ -526,7 +567,7 @@ def evaluate_data(args, todo, backbone, train_size, key_base, results, rows, dev
     if len(unseen):
         raise BadInput(f"{len(unseen)} classes of the test split have no training image (e.g. class {unseen[0]}): the splits do not match")
     train_idx = dino.training_indices(args, train_y_all)  # --long_tail, then --subset, as dino.py
-    test_idx = np.arange(len(test_set))[:args.subset]
+    test_idx = dino.balanced_subset(range(len(test_set)), test_y_all, args.subset, args.seed)
     n_blocks = args.n_last_blocks or (1 if vit and backbone.embed_dim >= 768 else 4)  # official: ViT-B 1 block + avgpool
     avgpool = args.avgpool_patchtokens if args.avgpool_patchtokens is not None else (vit and backbone.embed_dim >= 768)
     if vit and n_blocks > len(backbone.blocks):
@@ -550,7 +591,9 @@ def evaluate_data(args, todo, backbone, train_size, key_base, results, rows, dev
         knn = knn_eval(train_cls, train_y, test_cls, test_y, args.nb_knn, args.temperature, C)
         head_k = 20 if 20 in knn else args.nb_knn[0]
         results["knn"] = dict(T=args.temperature, headline_k=head_k, **{str(k): dict(top1=a, top5=b) for k, (a, b) in knn.items()})
-        rows.append((f"kNN top-1 (T={args.temperature})", "  ".join(f"k={k}: {a:.2f}" for k, (a, _) in knn.items())))
+        fp = "" if amp_dtype is None else f", {args.precision} features: not eval_knn.py's fp32"
+        rows.append((f"kNN top-1 (T={args.temperature}{fp})",
+                     "  ".join(f"k={k}: {a:.2f}" for k, (a, _) in knn.items())))
         rows.append((f"kNN k={head_k} (headline)", f"top-1 {knn[head_k][0]:.2f}   top-5 {knn[head_k][1]:.2f}"))
         if long_tailed:
             groups["knn"] = shot_groups(knn_per_class(train_cls, train_y, test_cls, test_y, head_k, args.temperature, C), counts)
@@ -560,12 +603,13 @@ def evaluate_data(args, todo, backbone, train_size, key_base, results, rows, dev
             pred = linear_fast(train_f, train_y, test_f, C, args.linear_steps)
             how = f"fast: logistic regression, L-BFGS (<= {args.linear_steps} steps) on standardized cached features"
         else:
-            aug = transforms.Compose([transforms.RandomResizedCrop(size, interpolation=transforms.InterpolationMode.BICUBIC),
+            aug = transforms.Compose([transforms.RandomResizedCrop(size),  # bilinear, as official
                                       transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(mean, std)])
             train_aug = torch.utils.data.Subset(build_splits(args, aug)[0], [int(i) for i in train_idx])
             pred = linear_official(features, train_aug, torch.utils.data.Subset(test_set, [int(i) for i in test_idx]),
                                    C, args, device, amp_dtype).to(device)
-            how = f"official: SGD, {args.linear_epochs} epochs, batch {args.linear_batch}, augmented"
+            how = (f"eval_linear.py's recipe: SGD, {args.linear_epochs} epochs, batch "
+                   f"{args.linear_batch}, augmented; one process, last epoch (it reports its best)")
         top1 = 100 * (pred == test_y).float().mean().item()
         what = (f"CLS of the last {n_blocks} blocks" + (" + mean patch token" if avgpool else "") if vit else "pooled") + f", {features.dim}-d"
         results["linear"] = dict(protocol=args.linear_protocol, top1=top1, features=what, method=how, seconds=time.time() - t)
@@ -605,14 +649,25 @@ def main(argv=None):
               for k, w in find_prototypes(head, name).items()}
     if args.seed is None:
         args.seed = int(saved.get("seed", 0))
-    if args.data is None:  # evaluate on the data the checkpoint was trained on when we know it
-        known = saved.get("data") in dino.DATASETS
-        args.data, args.data_path = (saved["data"], args.data_path or saved.get("data_path")) if known else ("fashion-mnist", args.data_path)
+    if args.data is None and saved.get("data") in dino.DATASETS:  # the data it was trained on
+        args.data, args.data_path = saved["data"], args.data_path or saved.get("data_path")
+    if (args.data, args.data_path or None) == (saved.get("data"), saved.get("data_path") or None):
+        for flag in ("subset", "long_tail"):  # its training data: the images it trained on
+            if getattr(args, flag) is None and saved.get(flag):
+                setattr(args, flag, saved[flag])
+                print(f"--{flag} {saved[flag]}: the checkpoint's, as it trained on these data")
     todo = {k: getattr(args, k) for k in ("knn", "linear", "fewshot", "prototypes")}
     if not any(todo.values()):  # everything that applies
         todo = dict(knn=True, linear=True, fewshot=True, prototypes=bool(layers))
     if args.prototypes and not layers:
         raise BadInput(f"{args.checkpoint} ('{source}') holds no head, so no prototypes to audit (backbone-only weights?)")
+    asked = [k for k in ("knn", "linear", "fewshot") if todo[k]]
+    if args.data is None and asked:  # e.g. an official checkpoint: no guess, no upsampled 28 px
+        if any(getattr(args, k) for k in asked) or not todo["prototypes"]:
+            raise BadInput(f"{args.checkpoint} does not say which data it was trained on: pass "
+                           "--data (and --data_path) for kNN, linear and few-shot, or --prototypes")
+        print("kNN, linear and few-shot skipped: the checkpoint does not name its data (--data)")
+        todo.update(knn=False, linear=False, fewshot=False)
     try:
         os.makedirs(args.output_dir, exist_ok=True)
         open(os.path.join(args.output_dir, ".write_test"), "w").close()
@@ -620,9 +675,7 @@ def main(argv=None):
     except OSError as e:
         raise BadInput(f"cannot write to {args.output_dir} ({e.__class__.__name__}): pass a writable --output_dir") from None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}.get(args.precision)
-    if args.precision == "auto":
-        amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)  # auto: fp32
     torch.manual_seed(args.seed)
 
     results = dict(checkpoint=os.path.abspath(args.checkpoint), network=source)
@@ -646,17 +699,21 @@ def main(argv=None):
             rows.append((f"prototypes {name}", f"{a['unique']} / {a['prototypes']} unique at eps 0.025 ({a['unique_percent']:.1f}%), "
                          f"{a['groups_with_copies']} group{'s' * (a['groups_with_copies'] != 1)} of near copies, "
                          f"largest {a['largest_groups'][:5]}"))
-            rows.append(("  unique vs eps", "  ".join(f"{e:g}: {u}" for e, u in a["curve"])))
+            rows.append(("  groups vs eps (single linkage)",
+                         "  ".join(f"{e:g}: {u}" for e, u in a["curve"])))
             rows.append(("  nearest-neighbour distance", f"median {a['nn_distance_median']:.4f}, KoLeo {a['koleo']:.3f}, "
                          f"norms {a['norm_min']:.3g} .. {a['norm_max']:.3g}"))
         head = build_head(head_state) if usage_feats is not None else None
         if head is not None:
-            with torch.no_grad():  # the head's argmax prototype of each image (no centring: the head as it is)
-                usage_hist = sum(koleo_proto.assignment_histogram(head.to(device)(f)) for f in usage_feats.split(4096)).cpu()
-            audits["usage"] = dict(images=len(usage_feats), **koleo_proto.usage_stats(usage_hist))
-            u = audits["usage"]
-            rows.append(("  usage on the data (head argmax)", f"{u['used']} / {len(usage_hist)} prototypes used by {u['images']} images, "
-                         f"perplexity {u['perplexity']:.1f}"))
+            targets, kind = teacher_targets(args.checkpoint, saved, head.to(device))
+            with torch.no_grad():  # the argmax prototype of each image
+                usage_hist = sum(koleo_proto.assignment_histogram(targets(f))
+                                 for f in usage_feats.split(4096)).cpu()
+            u = audits["usage"] = dict(images=len(usage_feats), kind=kind,
+                                       **koleo_proto.usage_stats(usage_hist))
+            rows.append((f"  usage on the data ({kind})", f"{u['used']} / {len(usage_hist)} "
+                         f"prototypes used by {u['images']} images, perplexity "
+                         f"{u['perplexity']:.1f}"))
         elif usage_feats is not None:
             rows.append(("  usage on the data", "skipped: the head is not a DINOHead"))
         results["prototypes"] = audits

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import random
+import shutil
 import struct
 import sys
 import time
@@ -184,7 +185,8 @@ def get_args_parser():
                         "default: off): the first steps compile, later ones run faster")
     p.add_argument("--output_dir", default=None, help="where checkpoints and logs go (default runs/ibot-<data>)")
     p.add_argument("--resume", default=None, help="checkpoint to continue from (default: output_dir/checkpoint.pth if any)")
-    p.add_argument("--subset", type=int, default=None, help="use only the first N training and N test images (quick checks)")
+    p.add_argument("--subset", type=int, default=None, help="use N training and N test images, "
+                   "a seeded sample keeping the class shares (quick checks)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by old launchers
     return p
@@ -193,9 +195,17 @@ def get_args_parser():
 def parse_args(argv=None):
     args = get_args_parser().parse_args(argv)
     preset = PRESETS.get(args.preset or args.data, {})
-    for name, official in OFFICIAL.items():
-        if getattr(args, name) is None:
-            setattr(args, name, preset.get(name, official))
+    unset = [name for name in OFFICIAL if getattr(args, name) is None]
+    for name in unset:
+        setattr(args, name, preset.get(name, OFFICIAL[name]))
+    room = dict(warmup_epochs=args.epochs,
+                warmup_teacher_temp_epochs=args.epochs - args.pred_start_epoch)
+    for name, most in room.items():  # a warm-up not asked for fits
+        if name in unset and getattr(args, name) > most >= 0:
+            if os.environ.get("RANK", "0") == "0":
+                print(f"--{name} {getattr(args, name)} of the preset shortened to {most} "
+                      f"to fit --epochs {args.epochs}")
+            setattr(args, name, most)
     if args.vmf:
         args.norm_last_layer = False  # vMF components need free norms: kappa_k = ||w_k|| / tau
     if args.shared_head or args.shared_head_teacher:
@@ -453,14 +463,28 @@ def long_tail_indices(targets, rho, seed):
     return np.sort(np.concatenate(keep))
 
 
+def balanced_subset(indices, targets, n, seed):
+    """n of the indices drawn at random (seeded), each class keeping its share of them (largest
+    remainder): the first n would be a few classes of a folder tree, which is sorted by class."""
+    indices = np.asarray(indices)
+    if n is None or n >= len(indices):
+        return indices
+    labels = np.asarray(targets)[indices]
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * n / len(indices)
+    take = np.floor(quota).astype(int)
+    take[np.argsort(take - quota, kind="stable")[:n - take.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    keep = [rng.choice(indices[labels == c], k, replace=False) for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(keep))
+
+
 def training_indices(args, targets):
     """Which training images are used: --long_tail subsampling, then --subset."""
     indices = np.arange(len(targets))
     if args.long_tail:
         indices = long_tail_indices(targets, args.long_tail, args.seed)
-    if args.subset:
-        indices = indices[:args.subset]
-    return indices
+    return balanced_subset(indices, targets, args.subset, args.seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -759,7 +783,10 @@ class iBOTLoss(nn.Module):
     log C_p(kappa_k), kappa_k = ||w_k|| / tau, and the teacher is centred in probability space:
     the centres are running means of teacher probabilities and the target is softmax(logits / tau -
     log c), i.e. q_k / c_k renormalized. The exact centring of the paper is not public in a form we
-    could check; this is our reading.
+    could check; this is our reading. The centres are floored at the smallest normal float: that of
+    a prototype that is never picked shrinks by the momentum each step, into denormals, and to 0
+    where they are flushed (as on many accelerators), which makes log c = -inf and the targets NaN.
+    While c_k is a normal float the floor changes nothing: the targets stay q_k / c_k.
     """
 
     def __init__(self, out_dim, patch_out_dim, ngcrops, nlcrops, warmup_teacher_temp, teacher_temp,
@@ -839,6 +866,9 @@ class iBOTLoss(nn.Module):
         K = self.center.shape[-1]
         self.center = self.center * self.center_momentum + batch[:K].view_as(self.center) * (1 - self.center_momentum)
         self.center2 = self.center2 * self.center_momentum2 + batch[K:].view_as(self.center2) * (1 - self.center_momentum2)
+        if self.vmf_dim:  # the floor of the class docstring
+            tiny = torch.finfo(torch.float32).tiny
+            self.center, self.center2 = self.center.clamp_min(tiny), self.center2.clamp_min(tiny)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -886,11 +916,36 @@ def cancel_gradients_last_layer(epoch, model, freeze_last_layer):
 def save_checkpoint(state, path):
     """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # e.g. the disk filled up during the run
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise BadInput(f"cannot write {path} ({e.strerror or e}): free space there and rerun; "
+                       "the previous checkpoint is intact") from None
+
+
+def check_output_dir(path, checkpoint_bytes):
+    """Fail before the first step, not after an epoch, where no checkpoint can be written."""
+    probe = os.path.join(path, ".write_test")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(bytes(4096))
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+        free = shutil.disk_usage(path).free
+    except OSError as e:
+        raise BadInput(f"cannot write to --output_dir {path} ({e.strerror or e}): "
+                       "pass a writable folder") from None
+    if free < checkpoint_bytes:
+        raise BadInput(f"--output_dir {path} has {free / 2**20:.0f} MB free, a checkpoint needs "
+                       f"~{checkpoint_bytes / 2**20:.0f} MB: free space or pass another folder")
 
 
 def safe_load(path):
@@ -930,11 +985,13 @@ def restore(ckpt, path, args, student, teacher, optimizer, ibot_loss, scaler):
     """Load a training checkpoint; a different architecture is one clear line, not a key dump."""
     saved = ckpt.get("args")
     saved = vars(saved) if isinstance(saved, argparse.Namespace) else (saved or {})
-    for key in ("arch", "patch_size", "out_dim", "patch_out_dim", "shared_head", "shared_head_teacher",
-                "bottleneck_dim", "vmf", "use_masked_im_modeling"):
+    # every flag that shapes the weights or the optimizer's parameter groups
+    for key in ("arch", "patch_size", "global_crops_size", "out_dim", "patch_out_dim",
+                "shared_head", "shared_head_teacher", "bottleneck_dim", "vmf", "norm_last_layer",
+                "use_masked_im_modeling", "optimizer", "weight_decay_last_layer"):
         if key in saved and saved[key] != getattr(args, key):
             raise BadInput(f"{path} was trained with --{key} {saved[key]}, this run has {getattr(args, key)}: "
-                           f"pass --{key} {saved[key]} or use another --output_dir")
+                           f"pass the same --{key} or use another --output_dir")
     try:
         student.load_state_dict(strip_prefix(ckpt["student"]))
         teacher.load_state_dict(strip_prefix(ckpt["teacher"]))
@@ -1030,11 +1087,22 @@ def extract_features(model, dataset, args, device, amp_dtype, with_pixels=True):
 def ema_pairs(student, teacher):
     """Each teacher parameter and the student parameter of the same name. The student's mask token
     has no twin; a shared last layer is found under both its names (state dicts list both), so a
-    shared and a separate head pair up whichever side shares."""
+    shared and a separate head pair up whichever side shares. A shared teacher layer follows the
+    student's last_layer, as in main_ibot.py. A separate teacher last_layer2 follows a shared
+    student layer: main_ibot.py pairs by named_parameters(), which lists a shared layer once, so
+    it never updates it and the teacher's patch prototypes stay at their start (our departure)."""
     student_params = student.state_dict(keep_vars=True)
     names = [n for n, _ in teacher.named_parameters()]
     # detached views of the student's parameters: they see the optimizer's updates
     return [student_params[n].detach() for n in names], [p for _, p in teacher.named_parameters()]
+
+
+@torch.no_grad()
+def init_teacher(student, teacher):
+    """The teacher starts as the student, as main_ibot.py's load_state_dict(strict=False): a shared
+    teacher layer is loaded under both its names and ends as the student's last_layer2 (registered
+    last); the student's mask token, which the teacher never uses, stays out."""
+    teacher.load_state_dict(student.state_dict(), strict=False)
 
 
 def vmf_norms(student, teacher):
@@ -1053,6 +1121,11 @@ def train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader, op
     # running sums of loss, cls term, patch term, KoLeo term, teacher entropy: no host sync per step
     sums = torch.zeros(5, device=device)
     usage = torch.zeros(args.out_dim, dtype=torch.long, device=device)
+    # A step whose loss is not finite changes nothing. A fused optimizer skips it on the device
+    # (found_inf, as GradScaler uses it) and the check is read every 20 steps, with no host sync;
+    # with another (the CPU's, where a read waits for nothing) the run stops before the update.
+    on_device = bool(optimizer.defaults.get("fused"))
+    first_bad = torch.zeros((), dtype=torch.long, device=device)  # step of the first bad loss
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0, leave=False)
     for i, (crops, _, masks) in enumerate(bar):
         it = len(loader) * epoch + i  # global step: the schedules are per iteration
@@ -1070,11 +1143,19 @@ def train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader, op
             # local crops only feed the [CLS] term: no patch tokens through the head
             student_local_cls = student(crops[G:], return_all_tokens=False) if len(crops) > G else None
             norms = vmf_norms(student_without_ddp, teacher) if args.vmf else None
+            centers = ibot_loss.center, ibot_loss.center2
             losses = ibot_loss(student_output, teacher_output, student_local_cls, masks, epoch, norms)
             koleo = torch.zeros((), device=device)
             if args.koleo > 0:  # each distinct set of prototypes is kept apart on its own
                 koleo = sum(koleo_proto.koleo_proto_loss(layer.weight) for layer in prototype_layers)
             total = losses["loss"] + args.koleo * koleo
+        finite = all_finite(total)
+        ibot_loss.center = torch.where(finite, ibot_loss.center, centers[0])  # a bad step changes
+        ibot_loss.center2 = torch.where(finite, ibot_loss.center2, centers[1])  # neither centre
+        if not on_device and not finite:
+            raise diverged(total.item(), epoch, i + 1)
+        if on_device:
+            first_bad = torch.where((first_bad > 0) | finite, first_bad, i + 1)
 
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:  # fp16: scale the loss so small gradients do not underflow
@@ -1085,16 +1166,23 @@ def train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader, op
         if args.clip_grad:
             clip_gradients(student_without_ddp, args.clip_grad)
         cancel_gradients_last_layer(epoch, student_without_ddp, args.freeze_last_layer)
-        if scaler is not None:
+        if scaler is not None:  # it skips a step whose gradients are not finite
             scaler.step(optimizer)
             scaler.update()
         else:
+            if on_device:
+                optimizer.found_inf = (~finite).float()  # the fused kernel skips the update where 1
             optimizer.step()
 
         with torch.no_grad():  # teacher = exponential moving average of the student
             m = momentum_schedule[it]
-            torch._foreach_mul_(teacher_params, m)  # one fused kernel per step, not one per tensor
-            torch._foreach_add_(teacher_params, student_params, alpha=1 - m)
+            if on_device:  # a skipped step leaves the teacher as it is
+                m = torch.where(finite, m, 1.0)
+                torch._foreach_mul_(teacher_params, m)
+                torch._foreach_add_(teacher_params, torch._foreach_mul(student_params, 1 - m))
+            else:
+                torch._foreach_mul_(teacher_params, m)  # one fused kernel per step, not per tensor
+                torch._foreach_add_(teacher_params, student_params, alpha=1 - m)
             q = ibot_loss.teacher_probs
             entropy = -(q * torch.log(q + 1e-12)).sum(dim=-1).mean()
             sums += torch.stack([losses["loss"].detach(), losses["cls"].detach(), losses["patch"].detach(),
@@ -1102,12 +1190,10 @@ def train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader, op
             usage += koleo_proto.assignment_histogram(q)
 
         if (i + 1) % 20 == 0 or i + 1 == len(loader):  # the only host sync: check for NaN, show the loss
-            mean_loss = sums[0].item() / (i + 1)
-            if not math.isfinite(mean_loss):
-                raise BadInput(f"the loss became {mean_loss} at epoch {epoch + 1}, step {i + 1}: training diverged. "
-                               "Try a lower --lr, a smaller --clip_grad, --precision bf16 or fp32 instead of fp16, "
-                               "or a longer --warmup_teacher_temp_epochs; the last checkpoint in --output_dir is intact")
-            bar.set_postfix(loss=f"{mean_loss:.4f}")
+            loss_sum, bad = sums[0].item(), int(first_bad)
+            if bad:
+                raise diverged(loss_sum, epoch, bad)
+            bar.set_postfix(loss=f"{loss_sum / (i + 1):.4f}")
     if dist.is_initialized():
         dist.all_reduce(sums)
         dist.all_reduce(usage)
@@ -1118,6 +1204,21 @@ def train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader, op
     if args.koleo > 0:
         stats["koleo_train"] = koleo_mean
     return stats, usage
+
+
+def all_finite(loss):
+    """A device tensor: is the loss finite on every process (no host sync)."""
+    finite = torch.isfinite(loss.detach()).float()
+    if dist.is_initialized():  # gradients are averaged: one process's NaN would reach all
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return finite.bool()
+
+
+def diverged(value, epoch, step):
+    return BadInput(f"the loss became {value} at epoch {epoch + 1}, step {step}: training diverged."
+                    " Try a lower --lr, a smaller --clip_grad, --precision bf16 or fp32 instead of "
+                    "fp16, or a longer --warmup_teacher_temp_epochs; the last checkpoint in "
+                    "--output_dir is intact")
 
 
 def prototype_stats(teacher, student, usage=None):
@@ -1154,6 +1255,7 @@ def main(argv=None):
                        f"{len(indices)} training images: lower it")
     counts = np.bincount(np.asarray(train_set.targets)[indices])
     say(f"data: {args.data}, {len(indices)} training images, {len(counts)} classes"
+        + (f" (--subset: drawn with --seed {args.seed}, class shares kept)" if args.subset else "")
         + (f", long-tailed RHO={args.long_tail}: largest class {counts.max()}, smallest {counts.min()}" if args.long_tail else ""))
     train_subset = MaskedCrops(torch.utils.data.Subset(train_set, indices), args.patch_size, args.global_crops_number,
                                args.pred_ratio, args.pred_ratio_var, args.pred_aspect_ratio, args.pred_shape,
@@ -1181,9 +1283,7 @@ def main(argv=None):
     student_without_ddp = student
     if world > 1:
         student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    student_params, teacher_params = ema_pairs(student_without_ddp, teacher)
-    with torch.no_grad():  # the teacher starts as the student (less the mask token, which it never uses)
-        torch._foreach_copy_(teacher_params, student_params)
+    init_teacher(student_without_ddp, teacher)
     for p in teacher.parameters():
         p.requires_grad = False  # no backpropagation through the teacher
     sharing = lambda shared: "shared head" if shared else f"separate patch head ({args.patch_out_dim} prototypes)"
@@ -1202,7 +1302,7 @@ def main(argv=None):
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, fused=device.type == "cuda")
     else:
-        optimizer = torch.optim.SGD(params, lr=0, momentum=0.9)
+        optimizer = torch.optim.SGD(params, lr=0, momentum=0.9, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
     # ---- schedules: per iteration, the lr scaled linearly with the total batch (Goyal et al., 2017)
@@ -1222,8 +1322,9 @@ def main(argv=None):
                                        optimizer, ibot_loss, scaler)
         say(f"resumed from {resume} at epoch {start_epoch}")
     log_path = os.path.join(args.output_dir, "log.txt")
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
+    if rank == 0:  # room for student, teacher and AdamW's two moments: four copies of the weights
+        weights = sum(p.numel() * p.element_size() for p in student_without_ddp.parameters())
+        check_output_dir(args.output_dir, 4 * weights)
         old_log = os.path.join(os.path.dirname(resume or ""), "log.txt")
         if resume and not os.path.exists(log_path) and os.path.isfile(old_log):
             # a run continued in a new output_dir keeps its checkpoint's history, in the log and the plot
@@ -1302,7 +1403,7 @@ def evaluate(args, teacher, train_set, indices, device, amp_dtype, mean, std, sa
         return dict(knn_top1=None, knn_top5=None, raw_pixel_knn_top1=None)
     teacher.eval()
     backbone = partial(teacher.backbone, return_all_tokens=False)  # the CLS token
-    test_indices = np.arange(len(test_eval))[:args.subset]
+    test_indices = balanced_subset(range(len(test_eval)), test_eval.targets, args.subset, args.seed)
     pixels = len(indices) <= 200_000  # raw pixels of ImageNet would not fit in memory
     train_feats, *train_pixels = extract_features(backbone, torch.utils.data.Subset(train_eval, indices), args, device, amp_dtype, pixels)
     test_feats, *test_pixels = extract_features(backbone, torch.utils.data.Subset(test_eval, test_indices), args, device, amp_dtype, pixels)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import dino
-from helpers import assert_one_line_error, malicious_checkpoint, sha
+from helpers import assert_one_line_error, assert_unchanged, inject_nan, malicious_checkpoint, sha
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A configuration small enough for seconds per run: 16 tokens per global crop, 64 prototypes.
@@ -350,3 +350,97 @@ def test_malicious_pickle_is_refused(tmp_path):
     with pytest.raises(dino.BadInput):
         dino.load_checkpoint(str(path))
     assert not os.path.exists(marker)
+
+
+# ------------------------------------------------------------------------- defects of issue 16
+@pytest.mark.parametrize("fused", [False, True])  # True: the device-side skip a GPU takes
+def test_nan_guard_acts_before_the_update(tmp_path, monkeypatch, fused):
+    """A NaN loss at epoch 2 changes no weight, no centre and not the checkpoint of epoch 1; the
+    run stops with the step. Fused: the update is skipped on the device, read at the epoch's end."""
+    if fused:
+        adamw = torch.optim.AdamW
+        monkeypatch.setattr(torch.optim, "AdamW", lambda params, fused: adamw(params, fused=True))
+    step = 2 if fused else 1  # of 2 per epoch
+    seen = inject_nan(monkeypatch, dino, dino.DINOLoss, 2 + step)
+    with pytest.raises(dino.BadInput, match=f"loss became nan at epoch 2, step {step}: training"):
+        train(tmp_path, "--freeze_last_layer", "0", "--saveckp_freq", "1", "--subset", "32")
+    assert_unchanged(seen)
+    first = dino.load_checkpoint(str(tmp_path / "checkpoint0001.pth"))
+    assert sha(tmp_path / "checkpoint.pth") == sha(tmp_path / "checkpoint0001.pth")
+    assert first["epoch"] == 1
+
+
+def test_vmf_centring_never_turns_into_nan():
+    """A prototype the teacher never picks: its probability centre shrinks by 0.9 per step. Where
+    denormals are flushed to zero (many accelerators) it reached 0 and the targets NaN."""
+    loss_fn = dino.DINOLoss(4, 4, 0.04, 0.04, 0, 1, vmf_dim=256)
+    teacher, norms = torch.zeros(4, 4), torch.ones(4)
+    teacher[:, 0] = -1e3  # probability exactly 0 after / 0.04
+    flushed = torch.set_flush_denormal(True)
+    try:
+        for _ in range(1000):
+            loss_fn(torch.randn(8, 4), teacher, 0, student_norms=norms, teacher_norms=norms)
+        assert loss_fn.center[0, 0] > 0 or not flushed
+        loss = loss_fn(torch.randn(8, 4), teacher * 0, 0, student_norms=norms, teacher_norms=norms)
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.isfinite(loss) and torch.isfinite(loss_fn.teacher_probs).all()
+    assert loss_fn.teacher_probs[:, 0].min() > 0.99  # the rare prototype is boosted, as q / c says
+
+
+def test_warmup_left_unset_shrinks_to_fit_epochs(tmp_path, capsys):
+    """--epochs below the preset's warm-up: a warm-up the user never set shrinks (and says so);
+    an explicit impossible one is still an error; the imagenet run then reaches its data check."""
+    args = dino.parse_args(["--data", "imagenet", "--epochs", "1"])
+    assert (args.warmup_epochs, args.epochs) == (1, 1)
+    assert "--warmup_epochs 10 of the preset shortened to --epochs 1" in capsys.readouterr().out
+    with pytest.raises(dino.BadInput, match="--warmup_epochs 3 must lie"):
+        dino.parse_args(["--epochs", "2", "--warmup_epochs", "3"])
+    result = run_script("--data", "imagenet", "--data_path", "/nonexistent", "--epochs", "1",
+                        "--output_dir", str(tmp_path))
+    assert_one_line_error(result, "/nonexistent")
+
+
+@pytest.mark.parametrize("flag, saved, now", [("--norm_last_layer", "false", "true"),
+                                              ("--global_crops_size", "14", "28"),
+                                              ("--weight_decay_last_layer", "0.5", None)])
+def test_resume_checks_every_architecture_argument(tmp_path, flag, saved, now):
+    """A checkpoint of another head, crop size or optimizer layout is refused naming that flag,
+    not with a hint about --arch/--patch_size/--out_dim."""
+    def built(value):
+        args = dino.parse_args(TINY + ([flag, value] if value else []))
+        student, teacher = dino.build_models(args)
+        groups = dino.get_params_groups(student, args.weight_decay_last_layer)
+        return args, student, teacher, torch.optim.AdamW(groups)
+    args, student, teacher, optimizer = built(saved)
+    ckpt = {"args": args, "student": student.state_dict(), "teacher": teacher.state_dict(),
+            "optimizer": optimizer.state_dict()}
+    args, student, teacher, optimizer = built(now)
+    loss = dino.DINOLoss(64, 4, 0.04, 0.04, 0, 2)
+    with pytest.raises(dino.BadInput, match=f"was trained with {flag} .* pass the same {flag} "):
+        dino.restore(ckpt, "ckpt.pth", args, student, teacher, optimizer, loss, None)
+
+
+def test_subset_on_a_folder_keeps_the_classes(tmp_path, capsys):
+    """--subset N on a folder tree (sorted by class) is a seeded sample with each class's share,
+    for the training and the test split, not the first N images (one class)."""
+    targets = np.repeat(np.arange(10), 50)
+    idx = dino.balanced_subset(np.arange(500), targets, 25, seed=0)
+    counts = np.bincount(targets[idx], minlength=10)
+    assert len(idx) == 25 and counts.min() == 2 and counts.max() == 3
+    assert np.array_equal(idx, dino.balanced_subset(np.arange(500), targets, 25, seed=0))
+    lt = dino.long_tail_indices(targets, 10, seed=0)  # a long tail keeps its profile
+    sub = np.bincount(targets[dino.balanced_subset(lt, targets, len(lt) // 2, seed=0)])
+    assert np.abs(sub - np.bincount(targets[lt]) / 2).max() <= 1
+    from PIL import Image
+    for split in ("train", "val"):
+        for c in range(10):
+            os.makedirs(tmp_path / "d" / split / f"c{c}")
+            for i in range(3):
+                image = Image.fromarray(np.full((28, 28, 3), 20 * c + i, np.uint8))
+                image.save(tmp_path / "d" / split / f"c{c}" / f"{i}.png")
+    dino.main(TINY + TINY_FOLDER + ["--data_path", str(tmp_path / "d"), "--subset", "10",
+                                    "--epochs", "1", "--output_dir", str(tmp_path / "out")])
+    assert "10 training images, 10 classes (--subset: drawn with --seed 0" in capsys.readouterr()[0]
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
+    assert summary["train_images"] == 10

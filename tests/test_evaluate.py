@@ -341,8 +341,11 @@ def test_bad_inputs_one_line_each(tmp_path):
         "junk": (["--checkpoint", str(junk)], ["junk.pth", "not a checkpoint"]),
         "key": (["--checkpoint", ours, "--checkpoint_key", "momentum"], ["no 'momentum' network", "student, teacher, dino_loss"]),
         "bare key": (["--checkpoint", str(bare), "--checkpoint_key", "teacher"], ["bare weights"]),
-        "arch": (["--checkpoint", str(bare), "--arch", "vit_small"], ["not vit_small/7"]),
-        "patch": (["--checkpoint", str(bare), "--patch_size", "4"], ["not vit_nano/4 (from --arch/--patch_size)"]),
+        "arch": (["--checkpoint", str(bare), "--arch", "vit_small", "--data", "fashion-mnist"],
+                 ["not vit_small/7"]),
+        "patch": (["--checkpoint", str(bare), "--patch_size", "4", "--data", "fashion-mnist"],
+                  ["not vit_nano/4 (from --arch/--patch_size)"]),
+        "no data": (["--checkpoint", str(bare)], ["does not say which data it was trained on"]),
         "no head": (["--checkpoint", str(bare), "--prototypes"], ["no head"]),
         "classes": (["--checkpoint", ours, "--knn", "--data", "folder", "--data_path", str(folder), "--num_workers", "0"],
                     ["classes of the train and val splits differ"]),
@@ -353,3 +356,75 @@ def test_bad_inputs_one_line_each(tmp_path):
     results = run_cli_many(tmp_path, [argv for argv, _ in cases.values()])
     for (name, (_, words)), (code, stderr) in zip(cases.items(), results):
         assert_one_line_error(code, stderr, *words)
+
+
+# ------------------------------------------------------------------------- defects of issue 16
+def test_collapse_cell_is_evaluated_on_its_training_subset(tmp_path, capsys):
+    """experiments/collapse.py passes --long_tail but not --subset: evaluate.py takes the
+    checkpoint's --subset (and --long_tail) on its training data, so the long-tail groups count
+    the images the cell trained on; the test split is the same balanced sample as dino.py's."""
+    args = our_args(subset=300, long_tail=10)
+    path = full_checkpoint(tmp_path / "cell.pth", tiny_network(), args=args)
+    results = evaluate.main(["--checkpoint", path, "--knn", "--long_tail", "10", "--nb_knn", "5",
+                             "--num_workers", "0", "--no_cache"])
+    train_y = np.asarray(dino.build_dataset(args, True, None).targets)
+    counts = np.bincount(train_y[dino.training_indices(args, train_y)])
+    assert results["data"]["train_images"] == 300 and results["data"]["test_images"] == 300
+    data = results["data"]
+    assert (data["largest_class"], data["smallest_class"]) == (counts.max(), counts.min())
+    assert results["data"]["test_classes"] == 10
+    assert "--subset 300: the checkpoint's" in capsys.readouterr().out
+
+
+def test_checkpoint_without_data_is_not_measured_on_fashion_mnist(tmp_path, capsys):
+    """An official checkpoint stores no data name: kNN asked for is one line naming --data, not a
+    kNN of 28 px Fashion-MNIST upsampled; with nothing asked only the prototype audit runs."""
+    path = full_checkpoint(tmp_path / "official.pth", tiny_network())
+    with pytest.raises(evaluate.BadInput, match="does not say which data it was trained on: pass"):
+        evaluate.main(["--checkpoint", path, "--knn"])
+    results = evaluate.main(["--checkpoint", path])
+    assert "prototypes" in results and not {"knn", "linear", "fewshot", "data"} & set(results)
+    assert "kNN, linear and few-shot skipped" in capsys.readouterr().out
+
+
+def test_usage_counts_the_centred_targets_as_the_training_log(tmp_path):
+    """dino.py's log counts the argmax of the centred teacher targets; the audit now does too when
+    the checkpoint holds the centre (a centre that favours one prototype puts every image there)."""
+    center = torch.full((1, 64), 1e3)
+    center[0, 5] = -1e3
+    path = full_checkpoint(tmp_path / "ours.pth", tiny_network(), args=our_args(),
+                           dino_loss={"center": center})
+    usage = evaluate.main(["--checkpoint", path, "--knn", "--prototypes", *QUICK])["prototypes"]
+    usage = usage["usage"]
+    assert usage["used"] == 1 and usage["kind"] == "centred teacher argmax, as dino.py's log"
+    vmf = full_checkpoint(tmp_path / "vmf.pth", tiny_network(norm_last_layer=False),
+                          args=dino.parse_args(["--out_dim", "64", "--vmf"]),
+                          dino_loss={"center": torch.full((1, 64), 1 / 64)})
+    usage = evaluate.main(["--checkpoint", vmf, "--knn", "--prototypes", *QUICK])["prototypes"]
+    usage = usage["usage"]
+    assert usage["kind"].startswith("vMF-centred") and usage["used"] >= 1
+
+
+def test_fast_linear_probe_refuses_what_would_not_fit(monkeypatch):
+    """L-BFGS holds all training features, logits and gradients at once: estimated first, and over
+    the memory bound it is one line naming the minibatch protocol, not an out-of-memory crash."""
+    x, y = torch.randn(1000, 64), torch.randint(0, 10, (1000,))
+    assert len(evaluate.linear_fast(x, y, x[:5], 10, 5)) == 5
+    monkeypatch.setattr(evaluate, "available_memory", lambda device: 10**5)  # need: 0.4 MB
+    with pytest.raises(evaluate.BadInput, match="use --linear_protocol official"):
+        evaluate.linear_fast(x, y, x[:5], 10, 5)
+
+
+def test_labels_say_what_they_measure(tmp_path, capsys):
+    """The 'official' linear protocol is called eval_linear.py's recipe in one process with the
+    last epoch (bilinear crops, as it); kNN features in bf16 are flagged as not eval_knn.py's
+    fp32; counts over eps are single-linkage groups, not copies."""
+    path = full_checkpoint(tmp_path / "ours.pth", tiny_network(), args=our_args())
+    assert evaluate.parse_args(["--checkpoint", path]).precision == "auto"  # auto = fp32
+    argv = ["--knn", "--linear", "--prototypes", "--precision", "bf16",
+            "--linear_protocol", "official"]
+    results = evaluate.main(["--checkpoint", path, *argv, "--linear_epochs", "1", *QUICK])
+    assert "one process, last epoch (it reports its best)" in results["linear"]["method"]
+    out = capsys.readouterr().out
+    assert "bf16 features: not eval_knn.py's fp32" in out
+    assert "groups vs eps (single linkage)" in out

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import dino
 import evaluate
 import ibot
-from helpers import assert_one_line_error, malicious_checkpoint, sha
+from helpers import assert_one_line_error, assert_unchanged, inject_nan, malicious_checkpoint, sha
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A configuration small enough for seconds per run: 16 tokens per global crop, 64 prototypes per head.
@@ -408,7 +408,8 @@ def assert_main_fails(capsys, argv, *words):
     (["--out_dim", "1"], ["--out_dim"]),
     (["--patch_size", "5"], ["multiple of --patch_size 5"]),
     (["--data", "imagenet", "--warmup_teacher_temp_epochs", "0"], ["--data imagenet needs --data_path"]),
-    (["--data", "imagenet"], ["--warmup_teacher_temp_epochs 30"]),  # the imagenet preset keeps the official 30
+    (["--data", "imagenet"], ["--data imagenet needs --data_path"]),  # the preset's 30 epochs shrink
+    (["--warmup_teacher_temp_epochs", "30"], ["--warmup_teacher_temp_epochs 30"]),  # asked for
     (["--batch_size_per_gpu", "100000"], ["--batch_size_per_gpu", "exceeds"]),
     (["--pred_shape", "circle"], ["--pred_shape", "invalid choice"]),
     (["--pred_aspect_ratio", "2", "1"], ["--pred_aspect_ratio"]),
@@ -478,3 +479,86 @@ def test_evaluate_audits_ibot_checkpoints(tmp_path, capsys, separate_run, shared
     assert "head.last_layer" in results["prototypes"] and "head.last_layer2" not in results["prototypes"]
     assert f"{results['prototypes']['head.last_layer']['unique']} / 64 unique" in printed
     assert 0 <= results["knn"]["5"]["top1"] <= 100 and results["arch"] == "vit_nano/7"
+
+
+# ------------------------------------------------------------------------- defects of issue 16
+@pytest.mark.parametrize("fused", [False, True])  # True: the device-side skip a GPU takes
+def test_nan_guard_acts_before_the_update(tmp_path, monkeypatch, fused):
+    """As dino.py's: a NaN loss at epoch 2 changes no weight, neither centre, nor the checkpoint."""
+    if fused:
+        adamw = torch.optim.AdamW
+        monkeypatch.setattr(torch.optim, "AdamW", lambda params, fused: adamw(params, fused=True))
+    step = 2 if fused else 1  # of 2 per epoch
+    seen = inject_nan(monkeypatch, ibot, ibot.iBOTLoss, 2 + step)
+    with pytest.raises(ibot.BadInput, match=f"loss became nan at epoch 2, step {step}: training"):
+        train(tmp_path, *SHARED, "--freeze_last_layer", "0")
+    assert_unchanged(seen)
+    assert sha(tmp_path / "checkpoint.pth") == sha(tmp_path / "checkpoint0001.pth")
+
+
+def test_vmf_centring_never_turns_into_nan():
+    """As dino.py's, for both centres: prototype 0 of either head is never picked."""
+    K = 4
+    loss_fn = ibot.iBOTLoss(K, K, 2, 0, 0.04, 0.04, 0.04, 0.04, 0, 1, vmf_dim=256)
+    norms = dict(s1=torch.ones(K), s2=torch.ones(K), t1=torch.ones(K), t2=torch.ones(K))
+    masks = [torch.ones(2, 2, 2, dtype=torch.bool)] * 2
+    cls, patch = torch.zeros(4, K), torch.zeros(4, 4, K)
+    cls[:, 0], patch[..., 0] = -1e3, -1e3
+    torch.set_flush_denormal(True)
+    try:
+        for _ in range(1000):
+            loss_fn((torch.randn(4, K), torch.randn(4, 4, K)), (cls, patch), None, masks, 0, norms)
+        student = torch.randn(4, K), torch.randn(4, 4, K)
+        out = loss_fn(student, (cls * 0, patch * 0), None, masks, 0, norms)
+    finally:
+        torch.set_flush_denormal(False)
+    assert all(torch.isfinite(v) for v in out.values()), out
+
+
+def test_warmup_left_unset_shrinks_to_fit_epochs(capsys):
+    """ibot's official teacher warm-up is 30 epochs: --epochs 5 shortens both warm-ups to fit."""
+    args = ibot.parse_args(["--data", "imagenet", "--epochs", "5"])
+    assert (args.warmup_epochs, args.warmup_teacher_temp_epochs) == (5, 5)
+    args = ibot.parse_args(["--data", "imagenet", "--epochs", "5", "--pred_start_epoch", "2"])
+    assert args.warmup_teacher_temp_epochs == 3
+    assert "--warmup_teacher_temp_epochs 30 of the preset shortened to 3" in capsys.readouterr().out
+    with pytest.raises(ibot.BadInput, match="--warmup_teacher_temp_epochs 6"):
+        ibot.parse_args(["--epochs", "5", "--warmup_teacher_temp_epochs", "6"])
+
+
+@pytest.mark.parametrize("flag, saved, now", [("--norm_last_layer", "true", "false"),
+                                              ("--global_crops_size", "14", "28")])
+def test_resume_checks_every_architecture_argument(flag, saved, now):
+    """As dino.py's: the flag that differs is named."""
+    def built(value):
+        args = ibot.parse_args(TINY + [flag, value])
+        student, teacher = ibot.build_models(args)
+        return args, student, teacher, torch.optim.AdamW(ibot.get_params_groups(student))
+    args, student, teacher, optimizer = built(saved)
+    ckpt = {"args": args, "student": student.state_dict(), "teacher": teacher.state_dict(),
+            "optimizer": optimizer.state_dict()}
+    args, student, teacher, optimizer = built(now)
+    with pytest.raises(ibot.BadInput, match=f"was trained with {flag} .* pass the same {flag} "):
+        ibot.restore(ckpt, "ckpt.pth", args, student, teacher, optimizer, new_loss(64, 64), None)
+
+
+def test_shared_teacher_head_starts_as_official_and_separate_one_follows():
+    """Student separate, teacher shared: main_ibot.py's load_state_dict(strict=False) fills the
+    teacher's shared layer from the student's last_layer2 (loaded last), and its EMA follows the
+    student's last_layer. Student shared, teacher separate: ours EMA-updates the teacher's
+    last_layer2 from the shared layer, which main_ibot.py never updates (documented departure)."""
+    def built(student_shared):
+        args = ibot.parse_args(TINY + ["--shared_head", str(student_shared),
+                                       "--shared_head_teacher", str(not student_shared)])
+        student, teacher = ibot.build_models(args)
+        ibot.init_teacher(student, teacher)
+        s, t = ibot.ema_pairs(student, teacher)
+        return student.head, teacher.head, {b.data_ptr(): a.data_ptr() for a, b in zip(s, t)}
+
+    student, teacher, follows = built(False)
+    assert torch.equal(teacher.last_layer.weight_v, student.last_layer2.weight_v)
+    assert follows[teacher.last_layer.weight_v.data_ptr()] == student.last_layer.weight_v.data_ptr()
+    student, teacher, follows = built(True)
+    assert torch.equal(teacher.last_layer2.weight_v, student.last_layer.weight_v)
+    t2, s1 = teacher.last_layer2.weight_v, student.last_layer.weight_v
+    assert follows[t2.data_ptr()] == s1.data_ptr()

@@ -68,17 +68,44 @@ def clustered(K, D, n_centers, noise, seed):
 
 # --- KoLeo-Proto loss --------------------------------------------------------------------
 
+@pytest.mark.parametrize("search_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("K,D", [(2, 3), (10, 4), (33, 16), (64, 3)])
-def test_loss_matches_dinov2_value_and_gradient(K, D):
+def test_loss_matches_dinov2_value_and_gradient(K, D, search_dtype):
     torch.manual_seed(K + D)
     w = torch.randn(K, D) * 3
     w1, w2 = w.clone().requires_grad_(), w.clone().requires_grad_()
-    loss, ref = kp.koleo_proto_loss(w1), koleo_reference(w2)
+    loss, ref = kp.koleo_proto_loss(w1, search_dtype=search_dtype), koleo_reference(w2)
     loss.backward()
     ref.backward()
     assert loss.dtype == torch.float32 and loss.ndim == 0
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_neighbour_search_picks_the_fp32_neighbours():
+    """The K^2 D search may run in bf16 (the default on CUDA): re-ranking its 8 best candidates
+    by fp32 distance gives the fp32 neighbours of spread prototypes, and among clusters of near
+    copies a neighbour as near up to fp32's own resolution; the loss and gradient stay."""
+    g = torch.Generator().manual_seed(5)
+    centres = F.normalize(torch.randn(300, 64, generator=g), dim=1)
+    copies = centres[torch.randint(0, 300, (1000,), generator=g)]
+    copies = copies + 3e-3 * torch.randn(1000, 64, generator=g)
+    w = torch.cat([torch.randn(700, 64, generator=g), copies])
+    x = F.normalize(w, dim=1)
+    fp32, bf16 = kp._nearest_neighbors(x, 256), kp._nearest_neighbors(x, 256, torch.bfloat16)
+    assert torch.equal(fp32[:700], bf16[:700])  # spread: the same rows
+    d32, d16 = (x - x[fp32]).norm(dim=1), (x - x[bf16]).norm(dim=1)
+    assert (d16 <= d32 + 1e-4).all()  # copies: never a farther row than fp32's Gram resolves
+    w1, w2 = w.clone().requires_grad_(), w.clone().requires_grad_()
+    a, b = kp.koleo_proto_loss(w1), kp.koleo_proto_loss(w2, search_dtype=torch.bfloat16)
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=0)
+    moved = (fp32 != bf16).nonzero().squeeze(1)  # rows whose gradient can differ: these and
+    same = torch.ones(len(w), dtype=torch.bool)  # the neighbours each picked
+    same[torch.cat([moved, fp32[moved], bf16[moved]])] = False
+    assert same.float().mean() > 0.9
+    torch.testing.assert_close(w1.grad[same], w2.grad[same], rtol=1e-3, atol=1e-7)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 7, 1000])

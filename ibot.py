@@ -1125,7 +1125,7 @@ def train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader, op
     # (found_inf, as GradScaler uses it) and the check is read every 20 steps, with no host sync;
     # with another (the CPU's, where a read waits for nothing) the run stops before the update.
     on_device = bool(optimizer.defaults.get("fused"))
-    first_bad = torch.zeros((), dtype=torch.long, device=device)  # step of the first bad loss
+    first_bad = torch.zeros(2, device=device)  # step and value of the first bad loss
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0, leave=False)
     for i, (crops, _, masks) in enumerate(bar):
         it = len(loader) * epoch + i  # global step: the schedules are per iteration
@@ -1155,7 +1155,8 @@ def train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader, op
         if not on_device and not finite:
             raise diverged(total.item(), epoch, i + 1)
         if on_device:
-            first_bad = torch.where((first_bad > 0) | finite, first_bad, i + 1)
+            new = torch.stack([torch.where(finite, 0.0, i + 1.0), total.detach().float()])
+            first_bad = torch.where(first_bad[0] > 0, first_bad, new)  # no copy from the host
 
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:  # fp16: scale the loss so small gradients do not underflow
@@ -1190,9 +1191,9 @@ def train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader, op
             usage += koleo_proto.assignment_histogram(q)
 
         if (i + 1) % 20 == 0 or i + 1 == len(loader):  # the only host sync: check for NaN, show the loss
-            loss_sum, bad = sums[0].item(), int(first_bad)
+            loss_sum, bad, value = torch.cat([sums[:1], first_bad]).tolist()
             if bad:
-                raise diverged(loss_sum, epoch, bad)
+                raise diverged(value, epoch, int(bad))
             bar.set_postfix(loss=f"{loss_sum / (i + 1):.4f}")
     if dist.is_initialized():
         dist.all_reduce(sums)

@@ -562,3 +562,12 @@ def test_shared_teacher_head_starts_as_official_and_separate_one_follows():
     assert torch.equal(teacher.last_layer2.weight_v, student.last_layer.weight_v)
     t2, s1 = teacher.last_layer2.weight_v, student.last_layer.weight_v
     assert follows[t2.data_ptr()] == s1.data_ptr()
+
+
+def test_subset_on_a_folder_keeps_the_classes():
+    """As dino.py's: --subset is a seeded sample with each class's share, not the first N."""
+    targets = np.repeat(np.arange(10), 50)  # sorted by class, as an image folder
+    args = ibot.parse_args(TINY + ["--subset", "25"])
+    counts = np.bincount(targets[ibot.training_indices(args, targets)], minlength=10)
+    assert counts.sum() == 25 and counts.min() == 2 and counts.max() == 3
+    assert np.array_equal(ibot.training_indices(args, targets), dino.training_indices(args, targets))

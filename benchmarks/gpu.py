@@ -484,9 +484,10 @@ def part_pipeline(bench, cfg, workdir):
     ips = cfg["steps"] * B / (time.perf_counter() - t1)
     note = "no synthetic step to compare with"
     if "dino" in bench.ips:
-        note = (f"the synthetic step ({bench.ips['dino']:.0f} img/s) needs "
-                f"~{math.ceil(bench.ips['dino'] / per_worker)} workers at {per_worker:.0f} img/s "
-                f"each (this CPU)")
+        need, cores = math.ceil(bench.ips["dino"] / per_worker), os.cpu_count()
+        note = (f"the synthetic step ({bench.ips['dino']:.0f} img/s) needs ~{need} workers at "
+                f"{per_worker:.0f} img/s each (this CPU" + (f", which has {cores} cores)"
+                                                             if need > cores else ")"))
     bench.set("fed", ips=ips, mem=bench.peak_memory(), seconds=time.perf_counter() - t0, note=note)
 
 

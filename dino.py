@@ -819,8 +819,8 @@ def restore(ckpt, path, args, student, teacher, optimizer, dino_loss, scaler):
 
 
 def init_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process. Under torchrun
-    a single process takes the DDP path too (a one-process group), so that it tests that path."""
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process. Under
+    torchrun a single process takes the DDP path too (a one-process group), so that it tests it."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if torch.cuda.is_available():

@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import toy  # noqa: E402
 
 TINY = dict(clusters=4, dim=8, n_max=40, rho=10.0, test_per_cluster=5, hidden=16, feat_dim=8,
@@ -19,7 +20,8 @@ def test_a_tiny_run_reports_everything_and_repeats():
     assert [h["step"] for h in a["history"]] == [0, 10, 20, 30]
     assert a["snapshot_data"][10]["prototypes"].shape == (16, 3)
     b = toy.run(snapshots=(10,), **TINY)
-    assert [h["teacher_unique"] for h in a["history"]] == [h["teacher_unique"] for h in b["history"]]
+    unique = [h["teacher_unique"] for h in a["history"]]
+    assert unique == [h["teacher_unique"] for h in b["history"]]
     assert a["knn_top1"] == b["knn_top1"]
 
 

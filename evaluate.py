@@ -662,6 +662,9 @@ def main(argv=None):
     if args.prototypes and not layers:
         raise BadInput(f"{args.checkpoint} ('{source}') holds no head, so no prototypes to audit (backbone-only weights?)")
     asked = [k for k in ("knn", "linear", "fewshot") if todo[k]]
+    built = None
+    if any(getattr(args, k) for k in asked):  # asked for by name: an unbuilt backbone says so first
+        built = build_backbone(backbone_state, saved, args)
     if args.data is None and asked:  # e.g. an official checkpoint: no guess, no upsampled 28 px
         if any(getattr(args, k) for k in asked) or not todo["prototypes"]:
             raise BadInput(f"{args.checkpoint} does not say which data it was trained on: pass "
@@ -682,7 +685,7 @@ def main(argv=None):
     rows, usage_feats = [], None
     stem = os.path.splitext(os.path.basename(args.checkpoint))[0] + "_eval"
     if todo["knn"] or todo["linear"] or todo["fewshot"]:
-        backbone, arch, train_size = build_backbone(backbone_state, saved, args)
+        backbone, arch, train_size = built or build_backbone(backbone_state, saved, args)
         results["arch"] = arch
         rows.append(("checkpoint", f"{args.checkpoint} ['{source}', {arch}]"))
         st = os.stat(args.checkpoint)

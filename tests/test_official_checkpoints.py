@@ -267,11 +267,14 @@ def test_resnet50_head_60000_wide(tmp_path):
 def test_unknown_backbone_knn_is_one_clear_line(tmp_path):
     for layout in ("dino_xcit", "esvit_swin", "ibot_swin"):
         path, _ = LAYOUTS[layout](tmp_path / f"{layout}.pth")
-        for argv in (["--knn"], ["--linear"], []):  # [] = all that apply
+        for argv in (["--knn"], ["--linear"]):
             with pytest.raises(dino.BadInput, match="which is not built here") as e:
                 evaluate.main(["--checkpoint", path, "--output_dir", str(tmp_path), *argv])
             assert "\n" not in str(e.value)
             assert "xcit_small_12_p16" in str(e.value) or "swin_tiny" in str(e.value)
+        # all that applies, and the file names no data: the audit alone
+        results = evaluate.main(["--checkpoint", path, "--output_dir", str(tmp_path)])
+        assert "prototypes" in results and "knn" not in results
 
 
 def test_new_style_weight_norm_keys(tmp_path):

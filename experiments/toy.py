@@ -33,7 +33,7 @@ import dino  # noqa: E402
 import evaluate  # noqa: E402
 import koleo_proto  # noqa: E402
 
-# With these and --steps 2000 (tutorial 2, 2 CPU cores, about 50 s a run) the teacher keeps 75 of
+# With these and --steps 2000 (tutorial 2, 2 CPU cores, about 40 s a run) the teacher keeps 75 of
 # its 256 prototypes unique, and with --koleo 0.1 it keeps 246.
 DEFAULTS = dict(
     clusters=32, dim=32, cluster_std=0.5, n_max=500, rho=1.0, test_per_cluster=50,  # the data

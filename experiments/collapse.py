@@ -234,10 +234,12 @@ def markdown_table(rows, methods=None):
     return "\n".join(lines)
 
 
-def plot_curves(args, series, ylabel, ymax, path, log_x=False):
+def plot_curves(args, series, ylabel, ymax, path, log_x=False, xlabel="K (prototypes)", xticks=None):
     """One line per series (label -> (xs, ys, errs, dashed, pair)), error bars where errs has values; a
     figure with a note when there is no series yet, so that every plot always exists. Series with
-    the same pair (the cell but for KoLeo) share a colour, so a run and its KoLeo twin read as one."""
+    the same pair (the cell but for KoLeo) share a colour, so a run and its KoLeo twin read as one.
+    A log x axis has its ticks at xticks (default: the K of the grid); experiments/toy_grid.py
+    draws its figures with this too."""
     import matplotlib
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
@@ -255,7 +257,7 @@ def plot_curves(args, series, ylabel, ymax, path, log_x=False):
         ax.text(0.5, 0.5, "no results yet", ha="center", va="center", transform=ax.transAxes)
     if log_x:  # ticks at the K of the grid, written out
         ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_locator(FixedLocator(sorted(args.K)))
+        ax.xaxis.set_major_locator(FixedLocator(sorted(xticks or args.K)))
         ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_major_formatter(ScalarFormatter())
     else:
@@ -263,7 +265,7 @@ def plot_curves(args, series, ylabel, ymax, path, log_x=False):
         ax.set_xlim(left=0)
     if ymax:  # a share: collapse shows as a drop from the top, so the axis starts at 0
         ax.set_ylim(0, ymax)
-    ax.set(ylabel=ylabel, xlabel="K (prototypes)" if log_x else "epoch", title=f"{args.data}: {ylabel}")
+    ax.set(ylabel=ylabel, xlabel=xlabel if log_x else "epoch", title=f"{args.data}: {ylabel}")
     if series:
         ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5), ncol=columns)  # beside the axes
     fig.tight_layout()

@@ -94,7 +94,8 @@ def features(model, x):
 @torch.no_grad()
 def accuracy(teacher, data, seed):
     """kNN (k = 20, T = 0.07), nearest-centroid few-shot (1 and 5 per cluster) and many/medium/
-    few-shot cluster groups of the teacher backbone's features, as evaluate.py computes them."""
+    few-shot cluster groups of the teacher backbone's features, as evaluate.py computes them, and
+    the kNN accuracy of the rarest quarter of the clusters."""
     train_x, train_y, test_x, test_y, counts = data
     C = len(counts)
     ftr, fte = features(teacher, train_x), features(teacher, test_x)
@@ -106,6 +107,10 @@ def accuracy(teacher, data, seed):
     out = dict(knn_top1=top1, knn_top1_raw_input=raw,
                fewshot_1=shots[1]["mean"], fewshot_5=shots[5]["mean"])
     out.update({f"knn_{name}": g["accuracy"] for name, g in groups.items()})
+    # the quarter of the clusters with the fewest training points: defined at every RHO (at RHO 10
+    # no cluster has under 20 points, so evaluate.py's few-shot group is empty there)
+    rarest = torch.argsort(counts, stable=True)[:max(1, C // 4)]
+    out["knn_rarest_quarter"] = float(per_cluster[rarest].nanmean())
     return out
 
 

@@ -15,7 +15,8 @@ TINY = dict(clusters=4, dim=8, n_max=40, rho=10.0, test_per_cluster=5, hidden=16
 def test_a_tiny_run_reports_everything_and_repeats():
     a = toy.run(snapshots=(10,), **TINY)
     for key in ("num_prototypes", "teacher_unique", "student_unique", "teacher_used", "knn_top1",
-                "knn_top1_init", "fewshot_1", "fewshot_5", "knn_many", "knn_medium", "knn_few"):
+                "knn_top1_init", "fewshot_1", "fewshot_5", "knn_many", "knn_medium", "knn_few",
+                "knn_rarest_quarter"):
         assert key in a, key
     assert [h["step"] for h in a["history"]] == [0, 10, 20, 30]
     assert a["snapshot_data"][10]["prototypes"].shape == (16, 3)

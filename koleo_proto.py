@@ -333,7 +333,7 @@ def usage_stats(histogram):
 # -----------------------------------------------------------------------------
 # 4. collapse over training
 
-TRAINING_EPS = (0.025, 0.1, 0.3)  # the paper's threshold, and two looser ones that show the drift first
+TRAINING_EPS = (0.025, 0.1, 0.3)  # the paper's eps, and two looser ones that show the drift first
 
 
 @torch.no_grad()
@@ -344,7 +344,8 @@ def collapse_stats(prototypes, suffix=""):
     the single-linkage groups are chains of prototypes closer than eps: they measure how
     connected the prototypes are, not how many are copies."""
     curve = dict(unique_prototype_curve(prototypes, TRAINING_EPS))
-    stats = {"unique_prototypes" + suffix: curve[0.025], "koleo" + suffix: koleo_proto_loss(prototypes).item()}
+    stats = {"unique_prototypes" + suffix: curve[0.025],
+             "koleo" + suffix: koleo_proto_loss(prototypes).item()}
     stats.update({f"unique_prototypes{suffix}_eps{e}": curve[e] for e in TRAINING_EPS[1:]})
     return stats
 
@@ -361,7 +362,7 @@ def plot_training(log, num_prototypes, path, title=""):
     fig, ax = plt.subplots(1, 2, figsize=(9.5, 3.6))
     names = {"": "teacher head", "_patch": "teacher patch head", "_student": "student head"}
     for suffix, style in (("", "-"), ("_patch", "--"), ("_student", ":")):
-        for eps, marker, color in zip(TRAINING_EPS, "os^", ("C0", "C1", "C2")):  # one colour per eps
+        for eps, marker, color in zip(TRAINING_EPS, "os^", ("C0", "C1", "C2")):  # a colour per eps
             key = "unique_prototypes" + suffix + ("" if eps == TRAINING_EPS[0] else f"_eps{eps}")
             if key in log[-1]:
                 kind = " (groups)" if eps > 0.05 else ""
@@ -372,8 +373,9 @@ def plot_training(log, num_prototypes, path, title=""):
               title=f"unique prototypes (K = {num_prototypes})")
     ax[0].legend(fontsize=7)
     if "usage_used" in log[-1]:
-        ax[1].plot(epochs, [e["usage_used"] for e in log], "o-", ms=4, label="used (argmax at least once)")
-        ax[1].plot(epochs, [e["usage_perplexity"] for e in log], "s-", ms=4, label="perplexity of the usage")
+        for key, marker, label in (("usage_used", "o-", "used (argmax at least once)"),
+                                   ("usage_perplexity", "s-", "perplexity of the usage")):
+            ax[1].plot(epochs, [e[key] for e in log], marker, ms=4, label=label)
         ax[1].set_yscale("log")
         ax[1].legend(fontsize=7)
     ax[1].set(xlabel="epoch", ylabel="prototypes", title="teacher's use of the prototypes")

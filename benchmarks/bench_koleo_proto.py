@@ -43,7 +43,7 @@ def measure(case, K, D):
     else:
         result = koleo_proto.count_unique_prototypes(w, eps=0.025)
     seconds = time.perf_counter() - t0
-    extra_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024  # ru_maxrss is in KB
+    extra_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024  # ru_maxrss: KB
     return dict(seconds=seconds, extra_mb=extra_mb, result=result)
 
 
@@ -62,11 +62,12 @@ def main():
           f"median of {args.repeats} runs, each in a fresh process\n")
     print("| case | seconds | extra memory (MB) | result |\n|---|---|---|---|")
     for case in ("loss", "spread", "collapsed"):
-        runs = [json.loads(subprocess.run([sys.executable, __file__, "--case", case, "--K", str(args.K), "--D", str(args.D)],
-                                          capture_output=True, text=True, check=True).stdout)
+        cmd = [sys.executable, __file__, "--case", case, "--K", str(args.K), "--D", str(args.D)]
+        runs = [json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
                 for _ in range(args.repeats)]
         print(f"| {case} | {statistics.median(r['seconds'] for r in runs):.1f} | "
-              f"{statistics.median(r['extra_mb'] for r in runs):.0f} | {runs[0]['result']} |", flush=True)
+              f"{statistics.median(r['extra_mb'] for r in runs):.0f} | {runs[0]['result']} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""A few-MB copy of a dino.py checkpoint for auditing: the teacher's backbone and prototypes.
+r"""A few-MB copy of a dino.py checkpoint for auditing: the teacher's backbone and prototypes.
 
 A full checkpoint also holds the student, the optimizer state and the teacher's 3-layer head MLP
 (for the CPU preset 100 MB, most of it the 2048-wide MLP); the collapse audit needs only the
 prototypes (head.last_layer), the kNN / linear / few-shot evaluation only the backbone. The copy
 keeps those two, the run's arguments as a plain dict and its per-epoch log (log.txt next to the
 checkpoint, when there), and is written atomically. evaluate.py reads it like any checkpoint:
-  python experiments/slim_checkpoint.py runs/dino-fashion-mnist-collapsed/checkpoint0030.pth checkpoints/dino-fashion-mnist-collapsed.pth
+  python experiments/slim_checkpoint.py runs/dino-fashion-mnist-collapsed/checkpoint0030.pth \
+      checkpoints/dino-fashion-mnist-collapsed.pth
   python evaluate.py --checkpoint checkpoints/dino-fashion-mnist-collapsed.pth --prototypes
 """
 import argparse
@@ -18,7 +19,8 @@ import dino  # noqa: E402  (the repository's root is put on the path first)
 
 
 def slim(ckpt, log=None):
-    keep = {k: v for k, v in ckpt["teacher"].items() if k.startswith(("backbone.", "head.last_layer."))}
+    keep = {k: v for k, v in ckpt["teacher"].items()
+            if k.startswith(("backbone.", "head.last_layer."))}
     args = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(ckpt["args"]).items()}
     return {"teacher": keep, "args": args, "epoch": ckpt["epoch"], "log": log or []}
 
@@ -31,7 +33,8 @@ def main(argv=None):
     try:
         ckpt = dino.load_checkpoint(args.checkpoint)
         if not isinstance(ckpt, dict) or not {"teacher", "args", "epoch"} <= set(ckpt):
-            raise dino.BadInput(f"{args.checkpoint} is not a dino.py checkpoint (no teacher, args and epoch)")
+            raise dino.BadInput(f"{args.checkpoint} is not a dino.py checkpoint "
+                                "(no teacher, args and epoch)")
         log_path = os.path.join(os.path.dirname(args.checkpoint), "log.txt")
         log = [json.loads(line) for line in open(log_path)] if os.path.isfile(log_path) else []
         log = [e for e in log if e.get("epoch", 0) <= ckpt["epoch"]]

@@ -263,15 +263,12 @@ def build_backbone(args, drop_path_rate=0.0):
                             drop_path_rate=drop_path_rate)
 
 
-def embed_dim(backbone):
-    return getattr(backbone, "embed_dim", None) or backbone.fc.in_features  # ViT or ResNet
-
-
 def build_models(args):
     """Student and teacher of the same architecture; only the student has stochastic depth."""
     student_backbone = build_backbone(args, args.drop_path_rate)
     teacher_backbone = build_backbone(args)
-    head = partial(DINOHead, embed_dim(student_backbone), args.out_dim, use_bn=args.use_bn_in_head,
+    dim = getattr(student_backbone, "embed_dim", None) or student_backbone.fc.in_features  # ResNet
+    head = partial(DINOHead, dim, args.out_dim, use_bn=args.use_bn_in_head,
                    norm_last_layer=args.norm_last_layer, bottleneck_dim=args.bottleneck_dim)
     return MultiCropWrapper(student_backbone, head()), MultiCropWrapper(teacher_backbone, head())
 
@@ -1271,16 +1268,15 @@ def main(argv=None):
 
     # evaluation: kNN on teacher CLS features, raw-pixel kNN on the same split, collapse
     summary = evaluate(args, teacher, eval_sets, indices, device, amp_dtype)
-    if summary["knn_top1"] is None:
+    top1, top5, raw1 = summary["knn_top1"], summary["knn_top5"], summary["raw_pixel_knn_top1"]
+    if top1 is None:
         say("kNN: skipped (no val/ split under --data_path)")
     else:
-        say(f"kNN top-1 (k=20, T=0.07, teacher CLS): {summary['knn_top1']:.2f}%  (top-5 "
-            f"{summary['knn_top5']:.2f}%)")
-        say("raw-pixel kNN top-1 on the same split: " + (
-            "skipped (over 200k images)" if summary["raw_pixel_knn_top1"] is None
-            else f"{summary['raw_pixel_knn_top1']:.2f}%"))
+        say(f"kNN top-1 (k=20, T=0.07, teacher CLS): {top1:.2f}%  (top-5 {top5:.2f}%)")
+        say("raw-pixel kNN top-1 on the same split: "
+            + ("skipped (over 200k images)" if raw1 is None else f"{raw1:.2f}%"))
         say("kNN top-1: init " + ("unknown" if knn_init is None else f"{knn_init:.2f}%")
-            + f" -> trained {summary['knn_top1']:.2f}%")
+            + f" -> trained {top1:.2f}%")
     if rank == 0:
         unique = koleo_proto.count_unique_prototypes(teacher.head.last_layer.weight.detach(),
                                                      eps=0.025)

@@ -238,14 +238,19 @@ def test_training_run_writes_official_checkpoint(tmp_path):
     teacher.load_state_dict(ckpt["teacher"], strict=True)
     student.load_state_dict(dino.strip_prefix(ckpt["student"]), strict=True)
     summary = json.load(open(tmp_path / "summary.json"))
-    for key in ("knn_top1", "raw_pixel_knn_top1", "unique_prototypes", "unique_prototypes_student", "num_prototypes", "seconds"):
+    for key in ("knn_top1", "knn_top1_init", "raw_pixel_knn_top1", "unique_prototypes",
+                "unique_prototypes_student", "num_prototypes", "seconds"):
         assert summary[key] is not None
+    assert ckpt["knn_top1_init"] == summary["knn_top1_init"]  # kept for a resumed run
     assert summary["num_prototypes"] == 64 and "unique_prototypes_student_eps0.1" in log[0]
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly(tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     train(a, "--saveckp_freq", "1")
+    summary = json.load(open(a / "summary.json"))
+    init, trained = summary["knn_top1_init"], summary["knn_top1"]
+    assert f"kNN top-1: init {init:.2f}% -> trained {trained:.2f}%" in capsys.readouterr().out
     b.mkdir()
     shutil.copy(a / "checkpoint0001.pth", b / "checkpoint.pth")  # as if run a had stopped after epoch 1
     assert [e["epoch"] for e in train(b)] == [2]
@@ -258,6 +263,8 @@ def test_resume_continues_exactly(tmp_path):
             for k, v in final_a[part].items():
                 assert torch.equal(v, final[part][k]), (part, k)
         assert torch.equal(final_a["dino_loss"]["center"], final["dino_loss"]["center"])
+    for resumed in (b, c):  # the untrained teacher's kNN, measured by run a, is still reported
+        assert json.load(open(resumed / "summary.json"))["knn_top1_init"] == init
 
 
 # inductor spends minutes compiling C++ kernels on 2 cores; aot_eager traces the same graphs with

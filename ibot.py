@@ -47,7 +47,9 @@ import struct
 import sys
 import time
 import warnings
+from collections import OrderedDict
 from functools import partial
+from itertools import groupby
 
 import numpy as np
 import torch
@@ -56,6 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torchvision import datasets, transforms
+from torchvision.ops import StochasticDepth
 from tqdm import tqdm
 
 import koleo_proto
@@ -70,29 +73,6 @@ class BadInput(Exception):
 # ==============================================================================================
 # 1. The model: VisionTransformer with a mask token (official key names), iBOTHead, MultiCropWrapper
 # ==============================================================================================
-class DropPath(nn.Module):
-    """Stochastic depth: drop the residual branch for whole samples (Huang et al., 2016)."""
-
-    def __init__(self, drop_prob=0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x):
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1 - self.drop_prob
-        return x * x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep) / keep
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden_dim):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class Attention(nn.Module):
     def __init__(self, dim, num_heads, qkv_bias=True):
         super().__init__()
@@ -101,7 +81,8 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, heads, N, C / heads)
         x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, C / heads)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
@@ -110,8 +91,11 @@ class Block(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio, qkv_bias, drop_path, norm_layer):
         super().__init__()
         self.norm1, self.attn = norm_layer(dim), Attention(dim, num_heads, qkv_bias)
-        self.drop_path = DropPath(drop_path)
-        self.norm2, self.mlp = norm_layer(dim), Mlp(dim, int(dim * mlp_ratio))
+        # stochastic depth (Huang et al., 2016): drops the residual branch for whole samples
+        self.drop_path = StochasticDepth(drop_path, "row")
+        hidden = int(dim * mlp_ratio)
+        self.norm2, self.mlp = norm_layer(dim), nn.Sequential(OrderedDict(
+            fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
 
     def forward(self, x):
         x = x + self.drop_path(self.attn(self.norm1(x)))
@@ -129,8 +113,8 @@ class PatchEmbed(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT (Dosovitskiy et al., 2021) as in the official iBOT code: DINO's, plus a learned mask token
-    (masked_embed) that replaces the masked patch embeddings of the student's global crops."""
+    """ViT (Dosovitskiy et al., 2021) as in the official iBOT code: DINO's, plus a learned mask
+    token (masked_embed) that replaces the masked patch embeddings of the student's global crops."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12,
                  num_heads=12, mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0,
@@ -153,7 +137,7 @@ class VisionTransformer(nn.Module):
             self.masked_embed = nn.Parameter(torch.zeros(1, embed_dim))
 
     def interpolate_pos_encoding(self, x, h, w):
-        """Bicubic resize of the position grid for crops of another size (local crops, eval sizes)."""
+        """Bicubic resize of the position grid for crops of another size (local crops, eval)."""
         n = self.pos_embed.shape[1] - 1
         if x.shape[1] - 1 == n and h == w:
             return self.pos_embed
@@ -279,7 +263,8 @@ class iBOTHead(nn.Module):
         rows, cols = (i.to(x.device, non_blocking=True) for i in patch_mask.nonzero(as_tuple=True))
         y = self.project(torch.cat([x[:, 0], x[:, 1:][rows, cols]]))  # (B + masked, bottleneck)
         scored = self.last_layer2(y[B:])  # (masked tokens, K2)
-        patch = scored.new_zeros(*patch_mask.shape, scored.shape[-1]).index_put((rows, cols), scored)
+        patch = scored.new_zeros(*patch_mask.shape, scored.shape[-1])
+        patch = patch.index_put((rows, cols), scored)
         return self.last_layer(y[:B]), patch
 
     def prototype_layers(self):
@@ -290,7 +275,7 @@ class iBOTHead(nn.Module):
 
 
 class MultiCropWrapper(nn.Module):
-    """Runs the backbone once per group of same-size crops (with their masks), then the head once."""
+    """Runs the backbone once per group of same-size crops (with their masks), the head once."""
 
     def __init__(self, backbone, head):
         super().__init__()
@@ -302,14 +287,12 @@ class MultiCropWrapper(nn.Module):
         the same for the patch tokens the head must score (default all)."""
         crops = x if isinstance(x, (list, tuple)) else [x]
         masks = mask if isinstance(mask, (list, tuple)) or mask is None else [mask]
-        feats, start = [], 0
-        while start < len(crops):
-            end = start
-            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
-                end += 1
-            group_mask = torch.cat(masks[start:end]) if masks is not None else None
-            feats.append(self.backbone(torch.cat(crops[start:end]), return_all_tokens, group_mask))
-            start = end
+        feats = []
+        for _, group in groupby(range(len(crops)), lambda i: crops[i].shape[-2:]):  # same size
+            group = list(group)
+            group_mask = None if masks is None else torch.cat([masks[i] for i in group])
+            feats.append(self.backbone(torch.cat([crops[i] for i in group]), return_all_tokens,
+                                       group_mask))
         if patch_mask is not None:
             patch_mask = torch.cat(list(patch_mask)).flatten(1)  # (n_crops * B, N)
             return self.head(torch.cat(feats), patch_mask)
@@ -319,9 +302,10 @@ class MultiCropWrapper(nn.Module):
 def build_models(args):
     """Student and teacher of the same architecture; only the student has stochastic depth and the
     mask token."""
-    backbone = partial(ARCHS[args.arch], patch_size=args.patch_size, img_size=args.global_crops_size,
-                       return_all_tokens=True)
-    student = backbone(drop_path_rate=args.drop_path, masked_im_modeling=args.use_masked_im_modeling)
+    backbone = partial(ARCHS[args.arch], patch_size=args.patch_size,
+                       img_size=args.global_crops_size, return_all_tokens=True)
+    student = backbone(drop_path_rate=args.drop_path,
+                       masked_im_modeling=args.use_masked_im_modeling)
     teacher = backbone()
     head = partial(iBOTHead, student.embed_dim, args.out_dim, patch_out_dim=args.patch_out_dim,
                    norm_last_layer=args.norm_last_layer, bottleneck_dim=args.bottleneck_dim)
@@ -471,14 +455,9 @@ def temperature_schedule(warmup, final, warmup_epochs, nepochs, start_epoch=0):
 
 
 class iBOTLoss(nn.Module):
-    """iBOT's objective (Zhou et al. 2022), two self-distillation terms:
-      [CLS] (lambda1): DINO's cross-entropy between the centred, sharpened teacher distribution of
-          each global view and the student's of every other view, local crops included;
-      patch (lambda2): for the same global view, the teacher sees the whole crop and the student the
-          masked one; cross-entropy per masked token, averaged over the masked tokens of each image,
-          then over images (an image without masked tokens adds 0).
-    Each term has its own centre (an EMA of the teacher's batch mean; the patch centre over all
-    tokens) and its own teacher temperature.
+    """iBOT's two terms, L_[CLS] (lambda1) and L_MIM (lambda2), as in the module docstring: the
+    patch cross-entropy is averaged over the masked tokens of each image, then over images (an
+    image without masked tokens adds 0); the patch centre averages all tokens.
 
     With vmf_dim = p (iBOT-vMF), pass the prototype norms of both last layers: each logit gains
     log C_p(kappa_k), kappa_k = ||w_k|| / tau, and the teacher is centred in probability space:
@@ -507,7 +486,8 @@ class iBOTLoss(nn.Module):
         self.teacher_temp_schedule = temperature_schedule(
             warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
         self.teacher_temp2_schedule = temperature_schedule(
-            warmup_teacher_temp2, teacher_temp2, warmup_teacher_temp_epochs, nepochs, mim_start_epoch)
+            warmup_teacher_temp2, teacher_temp2, warmup_teacher_temp_epochs, nepochs,
+            mim_start_epoch)
 
     def teacher_targets(self, logits, center, temp, norms):
         """Centred, sharpened teacher probabilities, and what its centre averages (logits, or
@@ -537,10 +517,10 @@ class iBOTLoss(nn.Module):
             student_cls = torch.cat([student_cls, student_local_cls])
         cls_logp = self.student_logp(student_cls, norms.get("s1")).chunk(self.ncrops)  # (B, K)
         patch_logp = self.student_logp(student_patch, norms.get("s2")).chunk(self.ngcrops)
-        q_cls, cls_stat = self.teacher_targets(teacher_cls, self.center,
-                                               self.teacher_temp_schedule[epoch], norms.get("t1"))
-        q_patch, patch_stat = self.teacher_targets(teacher_patch, self.center2,
-                                                   self.teacher_temp2_schedule[epoch], norms.get("t2"))
+        q_cls, cls_stat = self.teacher_targets(
+            teacher_cls, self.center, self.teacher_temp_schedule[epoch], norms.get("t1"))
+        q_patch, patch_stat = self.teacher_targets(
+            teacher_patch, self.center2, self.teacher_temp2_schedule[epoch], norms.get("t2"))
         q_cls, q_patch = q_cls.chunk(self.ngcrops), q_patch.chunk(self.ngcrops)
         loss1 = loss2 = 0.0
         n1 = n2 = 0
@@ -549,7 +529,7 @@ class iBOTLoss(nn.Module):
                 if v == q:  # same view: masked patch prediction
                     per_token = torch.sum(-q_patch[q] * patch_logp[v], dim=-1)  # (B, N)
                     mask = student_mask[v].flatten(-2, -1).float()  # (B, N)
-                    per_image = torch.sum(per_token * mask, dim=-1) / mask.sum(dim=-1).clamp(min=1.0)
+                    per_image = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
                     loss2, n2 = loss2 + per_image.mean(), n2 + 1
                 else:  # other views: DINO's [CLS] term
                     loss1, n1 = loss1 + torch.sum(-q_cls[q] * cls_logp[v], dim=-1).mean(), n1 + 1
@@ -561,7 +541,7 @@ class iBOTLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_cls, teacher_patch):
-        """EMA of the batch means over all processes: logits for iBOT, probabilities for iBOT-vMF."""
+        """EMA of the batch means over all processes: logits (iBOT), probabilities (iBOT-vMF)."""
         # one all-reduce for both centres
         batch = torch.cat([teacher_cls.sum(dim=0), teacher_patch.mean(dim=1).sum(dim=0)])
         world = 1
@@ -582,10 +562,11 @@ class iBOTLoss(nn.Module):
 # ==============================================================================================
 def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0,
                      start_warmup_value=0):
-    """One value per iteration: linear warm-up, then half a cosine from base_value to final_value."""
+    """One value per iteration: linear warm-up, then half a cosine from base_value to final_value"""
     warmup = np.linspace(start_warmup_value, base_value, warmup_epochs * niter_per_ep)
     iters = np.arange(epochs * niter_per_ep - len(warmup))
-    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+    cosine = 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+    cosine = final_value + cosine
     return np.concatenate((warmup, cosine))
 
 
@@ -609,7 +590,7 @@ def get_params_groups(model, weight_decay_last_layer=None):
 
 
 def clip_gradients(model, clip):
-    """Official DINO / iBOT clipping: each parameter tensor's gradient separately to norm <= clip."""
+    """Official DINO / iBOT clipping: each parameter's gradient on its own to norm <= clip."""
     for p in model.parameters():
         if p.grad is not None:
             p.grad.mul_((clip / (p.grad.norm() + 1e-6)).clamp(max=1.0))  # a tensor op: no host sync
@@ -684,13 +665,15 @@ def train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader, op
             student_output = student(crops[:G], mask=masks if args.use_masked_im_modeling else None,
                                      patch_mask=masks_cpu)
             # local crops only feed the [CLS] term: no patch tokens through the head
-            student_local_cls = student(crops[G:], return_all_tokens=False) if len(crops) > G else None
+            student_local_cls = None if len(crops) == G else \
+                student(crops[G:], return_all_tokens=False)
             norms = vmf_norms(student_without_ddp, teacher) if args.vmf else None
             centers = ibot_loss.center, ibot_loss.center2
-            losses = ibot_loss(student_output, teacher_output, student_local_cls, masks, epoch, norms)
+            losses = ibot_loss(student_output, teacher_output, student_local_cls, masks, epoch,
+                               norms)
             koleo = torch.zeros((), device=device)
             if args.koleo > 0:  # each distinct set of prototypes is kept apart on its own
-                koleo = sum(koleo_proto.koleo_proto_loss(layer.weight) for layer in prototype_layers)
+                koleo = sum(koleo_proto.koleo_proto_loss(p.weight) for p in prototype_layers)
             total = losses["loss"] + args.koleo * koleo
         finite = all_finite(total)
         # a bad step changes neither centre
@@ -746,8 +729,8 @@ def train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader, op
         dist.all_reduce(usage)
         sums /= dist.get_world_size()
     loss_mean, cls_mean, patch_mean, koleo_mean, entropy_mean = (sums / len(loader)).tolist()
-    stats = dict(loss=loss_mean, loss_cls=cls_mean, loss_patch=patch_mean, lr=float(lr_schedule[it]),
-                 wd=float(wd_schedule[it]), teacher_entropy=entropy_mean)
+    stats = dict(loss=loss_mean, loss_cls=cls_mean, loss_patch=patch_mean,
+                 lr=float(lr_schedule[it]), wd=float(wd_schedule[it]), teacher_entropy=entropy_mean)
     if args.koleo > 0:
         stats["koleo_train"] = koleo_mean
     return stats, usage
@@ -777,10 +760,12 @@ def main(argv=None):
     say = print if rank == 0 else (lambda *a, **k: None)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}.get(args.precision)
     if args.precision == "auto":
-        amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        amp_dtype = torch.bfloat16 if bf16 else None
     seed_everything(args.seed)
     # data: the crops of each image, and a block mask per global crop
-    train_set, indices, masked_crops, sampler, loader_rng, loader = build_loader(args, world, device, say)
+    train_set, indices, masked_crops, sampler, loader_rng, loader = build_loader(args, world,
+                                                                                 device, say)
     n_batches, total_batch = len(loader), args.batch_size_per_gpu * world
 
     # models, loss, optimizer
@@ -860,17 +845,16 @@ def main(argv=None):
 # ##############################################################################################
 
 # ---------------------------------------------------------------------------------- flags, presets
-# Every flag a preset may set: name -> (the official default of main_ibot.py, meaning). The
-# command line's type follows the default's (a 2-tuple: two floats, a list: one or more).
+# Every flag a preset may set: name -> (official default of main_ibot.py, meaning). The type on
+# the command line follows the default's (a 2-tuple: two floats; a list: one or more).
 FLAGS = dict(
     arch=("vit_small", "backbone"),
     patch_size=(16, "ViT patch size in pixels"),
     out_dim=(8192, "number of [CLS] prototypes K (rows of the head's last layer)"),
-    patch_out_dim=(8192, "number of patch prototypes (rows of last_layer2; = out_dim when "
-                   "either head is shared)"),
+    patch_out_dim=(8192, "number of patch prototypes (= out_dim when either head is shared)"),
     shared_head=(False, "one last layer for the student's [CLS] and patch tokens"),
-    shared_head_teacher=(True, "the same for the teacher (official default true: its patch "
-                         "targets then come from its [CLS] prototypes)"),
+    shared_head_teacher=(True, "the same for the teacher (true: its patch targets come from its "
+                         "[CLS] prototypes)"),
     norm_last_layer=(True, "keep prototypes at unit norm (weight_g frozen at 1); --vmf sets false"),
     bottleneck_dim=(256, "dimension of the L2-normalized bottleneck the prototypes live in"),
     momentum_teacher=(0.996, "base EMA momentum of the teacher, cosine to 1"),
@@ -882,16 +866,14 @@ FLAGS = dict(
     lambda1=(1.0, "weight of the [CLS] (DINO) term"),
     lambda2=(1.0, "weight of the masked-patch (MIM) term"),
     pred_ratio=([0.3], "fraction of patches masked; several values: each image picks one"),
-    pred_ratio_var=([0.0], "the fraction is drawn from U(r - var, r + var), one var per "
-                    "--pred_ratio"),
+    pred_ratio_var=([0.0], "the fraction is U(r - var, r + var), one var per --pred_ratio"),
     pred_aspect_ratio=((0.3, 1 / 0.3), "range of mask-block aspect ratios (drawn log-uniformly)"),
     pred_shape=("block", "mask shape: BEiT-style blocks or random patches"),
     pred_start_epoch=(0, "epoch from which patches are masked"),
     weight_decay=(0.04, "initial weight decay, cosine to --weight_decay_end"),
     weight_decay_end=(0.4, "final weight decay"),
-    weight_decay_last_layer=(None, "final weight decay of the prototypes alone: their own cosine "
-                             "from --weight_decay to this value (None = the schedule above, as "
-                             "the official code)"),
+    weight_decay_last_layer=(None, "final weight decay of the prototypes alone, their own cosine "
+                             "from --weight_decay (None: the schedule above, as official)"),
     clip_grad=(3.0, "max gradient norm per parameter tensor (0 = off)"),
     batch_size_per_gpu=(128, "images per process and step (each gives global + local crops)"),
     epochs=(100, "training epochs"),
@@ -908,8 +890,7 @@ FLAGS = dict(
     global_crops_size=(224, "side of the global crops in pixels"),
     local_crops_size=(96, "side of the local crops in pixels"),
     saveckp_freq=(40, "also keep checkpointNNNN.pth every this many epochs"),
-    num_workers=(10, "data-loading processes per training process"),
-)
+    num_workers=(10, "data-loading processes per training process"))
 OFFICIAL = {name: default for name, (default, _) in FLAGS.items()}
 CHOICES = dict(arch=list(ARCHS), pred_shape=["block", "rand"], optimizer=["adamw", "sgd"])
 
@@ -948,10 +929,8 @@ PRESETS["cifar100"] = PRESETS["cifar10"]
 
 
 def bool_flag(s):
-    if s.lower() in ("true", "1", "yes", "on"):
-        return True
-    if s.lower() in ("false", "0", "no", "off"):
-        return False
+    if s.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        return s.lower() in ("true", "1", "yes", "on")
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
@@ -961,10 +940,11 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def get_args_parser():
-    # one line per flag: the help starts after the flag, nothing wraps; the epilog keeps its lines
+    # one line per flag, nothing wrapped; the description and the epilog keep their line breaks
     formatter = partial(argparse.RawDescriptionHelpFormatter, max_help_position=38, width=1000)
     presets = "\n".join(f"  {k}: {v}" for k, v in PRESETS.items() if v is not BUNDLED)
-    p = OneLineParser("ibot.py", usage="%(prog)s [flags]", formatter_class=formatter, epilog="other presets:\n" + presets,
+    p = OneLineParser("ibot.py", usage="%(prog)s [flags]", formatter_class=formatter,
+                      epilog="other presets:\n" + presets,
                       description="iBOT / iBOT-vMF with KoLeo-Proto. Defaults are those of the "
                       "bundled-data run (--data fashion-mnist);\nanother --data (or --preset) "
                       "takes its preset, listed at the end, and the official value elsewhere.")
@@ -972,14 +952,16 @@ def get_args_parser():
     for name, (official, meaning) in FLAGS.items():
         ours = BUNDLED.get(name, official)
         kind = type(official[0] if isinstance(official, (list, tuple)) else official)
-        aliases = ("--drop_path_rate",) if name == "drop_path" else ()
         note = f"{ours}" + ("" if ours == official else f"; official {official}")
-        p.add_argument(f"--{name}", *aliases, default=None, help=f"{meaning} [default: {note}]",
+        p.add_argument(f"--{name}", *(["--drop_path_rate"] if name == "drop_path" else []),
+                       default=None, help=f"{meaning} [default: {note}]",
                        type={bool: bool_flag, type(None): float}.get(kind, kind),
                        nargs={list: "+", tuple: 2}.get(type(official)), choices=CHOICES.get(name),
                        metavar=metavars[kind])
-    add = lambda name, help, **kw: p.add_argument(
-        name, help=help if kw.get("default") is None else f"{help} [default: {kw['default']}]", **kw)
+
+    def add(name, help, **kw):
+        default = "" if kw.get("default") is None else f" [default: {kw['default']}]"
+        p.add_argument(name, help=help + default, **kw)
     add("--use_masked_im_modeling", "replace masked patches by the mask token in the student "
         "(false: the patch term sees the full crop)", type=bool_flag, default=True, metavar="BOOL")
     add("--data", f"dataset: {', '.join(DATASETS)}", default="fashion-mnist",
@@ -1034,32 +1016,31 @@ def parse_args(argv=None):
     return args
 
 
-def check_args(args):
-    a = args
+def check_args(a):
+    pairs = list(zip(a.pred_ratio, a.pred_ratio_var))
+    temps = a.teacher_temp, a.warmup_teacher_temp, a.teacher_patch_temp, a.warmup_teacher_patch_temp
     problems = [
-        (min(a.out_dim, a.patch_out_dim) < 2, "--out_dim and --patch_out_dim need at least 2 "
-         "prototypes"),
+        (min(a.out_dim, a.patch_out_dim) < 2, "--out_dim and --patch_out_dim need 2 prototypes"),
         (a.bottleneck_dim < 2, "--bottleneck_dim must be at least 2"),
-        (a.batch_size_per_gpu < 1, f"--batch_size_per_gpu {a.batch_size_per_gpu}: must be at "
-         "least 1"),
+        (a.batch_size_per_gpu < 1, f"--batch_size_per_gpu {a.batch_size_per_gpu}: must be >= 1"),
         (a.epochs < 1, "--epochs must be at least 1"),
-        (not 0 <= a.warmup_epochs <= a.epochs, f"--warmup_epochs {a.warmup_epochs} must lie in "
-         f"[0, --epochs {a.epochs}]"),
+        (not 0 <= a.warmup_epochs <= a.epochs,
+         f"--warmup_epochs {a.warmup_epochs} must lie in [0, --epochs {a.epochs}]"),
         (a.global_crops_number < 1, "--global_crops_number must be at least 1"),
-        (a.global_crops_number + a.local_crops_number < 2, "iBOT needs at least 2 crops: raise "
-         "--local_crops_number"),
+        (a.global_crops_number + a.local_crops_number < 2,
+         "iBOT needs at least 2 crops: raise --local_crops_number"),
         (a.local_crops_number < 0, "--local_crops_number cannot be negative"),
         (not 0 <= a.warmup_teacher_temp_epochs + a.pred_start_epoch <= a.epochs,
          f"--warmup_teacher_temp_epochs {a.warmup_teacher_temp_epochs} (+ --pred_start_epoch "
          f"{a.pred_start_epoch}) must lie in [0, --epochs {a.epochs}]"),
-        (min(a.teacher_temp, a.warmup_teacher_temp, a.teacher_patch_temp,
-             a.warmup_teacher_patch_temp) <= 0, "teacher temperatures must be positive"),
-        (len(a.pred_ratio_var) != len(a.pred_ratio), "--pred_ratio_var takes one value or one "
-         f"per --pred_ratio ({len(a.pred_ratio)})"),
-        (any(not 0 <= r - v <= r + v <= 1 for r, v in zip(a.pred_ratio, a.pred_ratio_var)),
+        (min(temps) <= 0, "teacher temperatures must be positive"),
+        (len(a.pred_ratio_var) != len(a.pred_ratio),
+         f"--pred_ratio_var takes one value or one per --pred_ratio ({len(a.pred_ratio)})"),
+        (any(not 0 <= r - v <= r + v <= 1 for r, v in pairs),
          "each --pred_ratio r with its --pred_ratio_var v needs 0 <= r - v and r + v <= 1"),
         (not 0 < a.pred_aspect_ratio[0] <= a.pred_aspect_ratio[1],
          "--pred_aspect_ratio needs 0 < low <= high"),
+        (not 0 <= a.drop_path < 1, "--drop_path must lie in [0, 1)"),
         (a.long_tail is not None and a.long_tail < 1,
          "--long_tail RHO must be >= 1 (RHO = largest / smallest class)"),
         (a.koleo < 0, "--koleo must be >= 0"),
@@ -1118,7 +1099,8 @@ def pil_loader(path):
 
 def fashion_mnist(folder, train, transform):
     split = "train" if train else "t10k"
-    files = [os.path.join(folder, f"{split}-{kind}-ubyte.gz") for kind in ("images-idx3", "labels-idx1")]
+    files = [os.path.join(folder, f"{split}-{kind}-ubyte.gz")
+             for kind in ("images-idx3", "labels-idx1")]
     files = [f if os.path.exists(f) else f[:-3] for f in files]  # gzipped or not
     if not all(os.path.exists(f) for f in files):
         raise BadInput(f"no Fashion-MNIST files ({split}-images-idx3-ubyte[.gz]) in {folder}: "
@@ -1222,9 +1204,9 @@ def build_loader(args, world, device, say):
     else:
         sampler = torch.utils.data.RandomSampler(masked, generator=torch.Generator())
     rng = torch.Generator()
-    loader = torch.utils.data.DataLoader(masked, sampler=sampler, batch_size=args.batch_size_per_gpu,
-                                         num_workers=args.num_workers, drop_last=True,
-                                         pin_memory=device.type == "cuda", generator=rng)
+    loader = torch.utils.data.DataLoader(
+        masked, sampler=sampler, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
+        drop_last=True, pin_memory=device.type == "cuda", generator=rng)
     return train_set, indices, masked, sampler, rng, loader
 
 
@@ -1307,7 +1289,8 @@ def restore(ckpt, path, args, student, teacher, optimizer, ibot_loss, scaler):
                 "use_masked_im_modeling", "optimizer", "weight_decay_last_layer"):
         if key in saved and saved[key] != getattr(args, key):
             raise BadInput(f"{path} was trained with --{key} {saved[key]}, this run has "
-                           f"{getattr(args, key)}: pass the same --{key} or use another --output_dir")
+                           f"{getattr(args, key)}: pass the same --{key} or use another "
+                           "--output_dir")
     try:
         student.load_state_dict(strip_prefix(ckpt["student"]))
         teacher.load_state_dict(strip_prefix(ckpt["teacher"]))
@@ -1365,10 +1348,8 @@ def init_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def seed_everything(seed):
-    random.seed(seed)  # the masks, when drawn in the main process (--num_workers 0)
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
+def seed_everything(seed):  # Python's random draws the masks in the main process (no workers)
+    random.seed(seed), torch.manual_seed(seed), np.random.seed(seed % 2**32)
 
 
 def compile_models(args, student, teacher, say):
@@ -1468,7 +1449,7 @@ def knn_eval(args, teacher, indices, device, amp_dtype, pixels=True):
     pixels' on the same split with pixels. None for all without a test split."""
     mean, std = DATASETS[args.data]
     transform = eval_transform(args, mean, std)
-    train_eval, test_eval = build_dataset(args, True, transform), build_dataset(args, False, transform)
+    train_eval, test_eval = (build_dataset(args, train, transform) for train in (True, False))
     say = print if not dist.is_initialized() or dist.get_rank() == 0 else (lambda *a: None)
     if test_eval is None:
         say("kNN: skipped (no val/ split under --data_path)")
@@ -1579,7 +1560,7 @@ def run(entry=main, prog="ibot.py"):
     """Run entry(); bad input ends the program with one line and a non-zero status, no traceback."""
     try:
         entry()
-    except BadInput as e:  # exceptions raised in data-loading workers arrive wrapped with a traceback
+    except BadInput as e:  # raised in a data-loading worker, it arrives wrapped with a traceback
         message = str(e).strip().splitlines()[-1].split("BadInput: ", 1)[-1]
         sys.exit(f"{prog}: error: {message}")
     except KeyboardInterrupt:

@@ -1,27 +1,41 @@
 """iBOT, image BERT pre-training with an online tokenizer (Zhou et al., ICLR 2022), in one file.
 
-iBOT is DINO plus masked image modelling: the student sees global crops with some patches replaced
-by a learned mask token and must predict, for each masked patch, the teacher's distribution over
-patch prototypes computed on the unmasked crop. The [CLS] token is trained exactly as in DINO.
+The method. A student network and a teacher of the same architecture (a ViT, then a head that
+maps each token onto K prototypes) see crops of one image; P(x) is the softmax of the head's
+logits. The teacher gets no gradient: it is an exponential moving average of the student,
+    theta_t <- m theta_t + (1 - m) theta_s,  m rising from 0.996 to 1 on a cosine.
+Its outputs are centred and sharpened, as in DINO (Caron et al., 2021), which keeps them from
+collapsing onto one prototype (centring) or onto the uniform distribution (sharpening):
+    P_t(x) = softmax((g_t(x) - c) / tau_t),  c <- 0.9 c + 0.1 mean over the batch of g_t(x),
+while the student's P_s(x) = softmax(g_s(x) / 0.1). iBOT's loss has two terms (Sec. 3.2):
+    L_[CLS] = -sum_{u global} sum_{v != u} P_t^[CLS](u) . log P_s^[CLS](v)
+              (DINO's self-distillation of the [CLS] token across views, local crops included);
+    L_MIM   = -sum_{u global} mean_{i: m_i = 1} P_t^patch(u)_i . log P_s^patch(u_masked)_i
+              (masked image modelling: the student sees global view u with a block mask m, the
+              masked patch embeddings replaced by a learned token; for each masked patch i it
+              predicts the teacher's distribution on the whole view, the "online tokenizer");
+    L = lambda1 L_[CLS] + lambda2 L_MIM, each term averaged over its pairs of views.
+Each term has its own centre and teacher temperature; the patch prototypes are those of the
+[CLS] token when the head is shared (the recipe of the iBOT README).
 With the two changes the partial-prototype-collapse paper studies (Govindarajan et al., BMVC 2024):
   --koleo LAMBDA  KoLeo-Proto: adds LAMBDA * (-(1/K) sum_k log min_j ||w_k - w_j||) on the
-                  L2-normalized prototypes w_k of the shared head (of both heads when separate);
-  --vmf           iBOT-vMF (Govindarajan et al., ICLR 2023): prototypes as von Mises-Fisher components.
+                  L2-normalized prototypes w_k of each distinct last layer;
+  --vmf           iBOT-vMF (Govindarajan et al., ICLR 2023): prototypes as von Mises-Fisher
+                  components (free norms, a normalizer in each logit, centring of probabilities).
 
-Read top to bottom:
-  1. arguments and presets             4. loss: iBOTLoss (and iBOT-vMF)
-  2. data, multi-crop, block masks      5. training utilities: schedules, clipping, checkpoints, DDP
-  3. model: ViT with mask token,        6. evaluation: kNN on teacher features
-     iBOTHead, MultiCropWrapper         7. training loop and main
+Reading order: 1. the model, 2. the crops and block masks, 3. the loss, 4. the training step,
+5. the training loop (main). A first reading can stop at the divider after it; below it is the
+plumbing: flags and presets, checks, data sets, checkpoints, DDP, kNN evaluation and logging.
 Runs:
   python ibot.py                                    # bundled Fashion-MNIST sample, CPU, minutes
-  python ibot.py --koleo 0.1 --vmf                  # iBOT-vMF with KoLeo-Proto, the paper's main method
-  torchrun --nproc_per_node 8 ibot.py --data imagenet --data_path /imagenet   # official ViT-S/16 recipe
+  python ibot.py --koleo 0.1 --vmf                  # iBOT-vMF with KoLeo-Proto (the paper's method)
+  torchrun --nproc_per_node 8 ibot.py --data imagenet --data_path /imagenet   # official ViT-S/16
 Names (VisionTransformer, iBOTHead, MultiCropWrapper, iBOTLoss), flags, defaults and checkpoint
 keys are those of bytedance/ibot, so official checkpoints load here and ours load there. This file
 repeats much of dino.py on purpose: it is meant to be read alone.
 """
 import argparse
+import contextlib
 import datetime
 import gzip
 import json
@@ -33,7 +47,9 @@ import struct
 import sys
 import time
 import warnings
+from collections import OrderedDict
 from functools import partial
+from itertools import groupby
 
 import numpy as np
 import torch
@@ -42,6 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torchvision import datasets, transforms
+from torchvision.ops import StochasticDepth
 from tqdm import tqdm
 
 import koleo_proto
@@ -53,467 +70,9 @@ class BadInput(Exception):
     """A problem with what the user asked for: reported as one line, no traceback."""
 
 
-# ----------------------------------------------------------------------------------------------
-# 1. Arguments and presets
-# ----------------------------------------------------------------------------------------------
-# The official defaults of main_ibot.py. Flags left unset take the preset of the dataset (or
-# --preset), then these.
-OFFICIAL = dict(
-    arch="vit_small", patch_size=16, out_dim=8192, patch_out_dim=8192, shared_head=False, shared_head_teacher=True,
-    norm_last_layer=True,
-    momentum_teacher=0.996, warmup_teacher_temp=0.04, teacher_temp=0.04, warmup_teacher_patch_temp=0.04,
-    teacher_patch_temp=0.07, warmup_teacher_temp_epochs=30, lambda1=1.0, lambda2=1.0,
-    pred_ratio=[0.3], pred_ratio_var=[0.0], pred_aspect_ratio=(0.3, 1 / 0.3), pred_shape="block", pred_start_epoch=0,
-    weight_decay=0.04, weight_decay_end=0.4, weight_decay_last_layer=None, clip_grad=3.0, batch_size_per_gpu=128, epochs=100,
-    freeze_last_layer=1, lr=0.0005, warmup_epochs=10, min_lr=1e-6, optimizer="adamw", drop_path=0.1,
-    global_crops_number=2, global_crops_scale=(0.14, 1.0), local_crops_number=0, local_crops_scale=(0.05, 0.4),
-    global_crops_size=224, local_crops_size=96, bottleneck_dim=256, saveckp_freq=40, num_workers=10)
-
-# The README's ViT-S/16 recipe (800 epochs at batch 1024 in the paper; 100 here, as DINO's).
-VIT_S16 = dict(teacher_temp=0.07, norm_last_layer=False, shared_head=True, local_crops_number=10,
-               global_crops_scale=(0.25, 1.0), local_crops_scale=(0.05, 0.25), pred_ratio=[0.0, 0.3],
-               pred_ratio_var=[0.0, 0.2], batch_size_per_gpu=64)
-# Small images need small crops: a 28 px Fashion-MNIST image upsampled to 224 px costs 64x the
-# compute and adds no information. Global crops keep the native size, local crops are about half of
-# it, and the patch size shrinks with the image (a 4 x 4 grid of 7 px patches on the bundled data).
-# The head scores every patch token of the global crops, so the bundled-data run has 4 local crops
-# (DINO's has 6) to stay within 10 minutes on 2 CPU cores.
-SMALL_IMAGES = dict(patch_size=4, drop_path=0.0, warmup_epochs=2, min_lr=1e-5, saveckp_freq=5,
-                    warmup_teacher_temp_epochs=0)
-PRESETS = {
-    "imagenet": VIT_S16,
-    "folder": VIT_S16,
-    "fashion-mnist": dict({**VIT_S16, **SMALL_IMAGES}, arch="vit_nano", patch_size=7, out_dim=1024, patch_out_dim=1024,
-                          epochs=2, warmup_epochs=1, batch_size_per_gpu=64, lr=0.004, momentum_teacher=0.99,
-                          teacher_temp=0.04, local_crops_number=4, global_crops_size=28, local_crops_size=14,
-                          global_crops_scale=(0.5, 1.0), local_crops_scale=(0.15, 0.5), saveckp_freq=1, num_workers=2),
-    "fashion-mnist-full": dict({**VIT_S16, **SMALL_IMAGES}, arch="vit_tiny", out_dim=4096, patch_out_dim=4096, epochs=100,
-                               lr=0.001, global_crops_size=28, local_crops_size=12, global_crops_scale=(0.5, 1.0),
-                               local_crops_scale=(0.15, 0.5), num_workers=4),
-    "cifar10": dict({**VIT_S16, **SMALL_IMAGES}, out_dim=8192, epochs=200, lr=0.001, global_crops_size=32,
-                    local_crops_size=16, global_crops_scale=(0.3, 1.0), local_crops_scale=(0.1, 0.4), num_workers=8),
-}
-PRESETS["cifar100"] = PRESETS["cifar10"]
-
-
-def bool_flag(s):
-    if s.lower() in ("true", "1", "yes", "on"):
-        return True
-    if s.lower() in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints the whole usage first; one line is enough
-        sys.exit(f"{self.prog}: error: {message} (see python {self.prog} --help)")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # preset flags say their defaults themselves
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def get_args_parser():
-    p = OneLineParser("ibot.py", formatter_class=HelpFormatter,
-                      description="iBOT / iBOT-vMF with KoLeo-Proto. A flag marked [preset] defaults to the "
-                                  "preset of --data (all presets are listed at the end), else to the official value.",
-                      epilog="presets: " + "; ".join(f"{k}: {v or 'official recipe'}" for k, v in PRESETS.items()))
-
-    def preset(name, help, aliases=(), **kw):  # a flag whose default comes from the preset
-        ours = PRESETS["fashion-mnist"].get(name, OFFICIAL[name])
-        default = f"official {OFFICIAL[name]}" + (f", bundled data {ours}" if ours != OFFICIAL[name] else "")
-        p.add_argument(f"--{name}", *aliases, default=None, help=f"{help} [preset: {default}]", **kw)
-
-    preset("arch", "backbone", choices=list(ARCHS))
-    preset("patch_size", "ViT patch size in pixels", type=int)
-    preset("out_dim", "number of [CLS] prototypes K (rows of the head's last layer)", type=int)
-    preset("patch_out_dim", "number of patch prototypes (rows of last_layer2; = out_dim when either head is shared)", type=int)
-    preset("shared_head", "one last layer for the student's [CLS] and patch tokens", type=bool_flag)
-    preset("shared_head_teacher", "the same for the teacher (official default true: its patch targets then come "
-                                  "from its [CLS] prototypes)", type=bool_flag)
-    preset("bottleneck_dim", "dimension of the L2-normalized bottleneck the prototypes live in", type=int)
-    preset("norm_last_layer", "keep prototypes at unit norm (weight_g frozen at 1); --vmf sets false", type=bool_flag)
-    preset("momentum_teacher", "base EMA momentum of the teacher, cosine to 1", type=float)
-    preset("warmup_teacher_temp", "[CLS] teacher temperature at the start of its warm-up", type=float)
-    preset("teacher_temp", "[CLS] teacher temperature after warm-up (sharpening)", type=float)
-    preset("warmup_teacher_patch_temp", "patch teacher temperature at the start of its warm-up", type=float)
-    preset("teacher_patch_temp", "patch teacher temperature after warm-up", type=float)
-    preset("warmup_teacher_temp_epochs", "epochs of linear teacher-temperature warm-up (both)", type=int)
-    preset("lambda1", "weight of the [CLS] (DINO) term", type=float)
-    preset("lambda2", "weight of the masked-patch (MIM) term", type=float)
-    preset("pred_ratio", "fraction of patches masked; several values: each image picks one", type=float, nargs="+")
-    preset("pred_ratio_var", "the fraction is drawn from U(r - var, r + var), one var per --pred_ratio", type=float, nargs="+")
-    preset("pred_aspect_ratio", "range of mask-block aspect ratios (drawn log-uniformly)", type=float, nargs=2)
-    preset("pred_shape", "mask shape: BEiT-style blocks or random patches", choices=["block", "rand"])
-    preset("pred_start_epoch", "epoch from which patches are masked", type=int)
-    preset("weight_decay", "initial weight decay, cosine to --weight_decay_end", type=float)
-    preset("weight_decay_end", "final weight decay", type=float)
-    preset("weight_decay_last_layer", "final weight decay of the prototypes alone: their own cosine from "
-           "--weight_decay to this value (None = the schedule above, as the official code)", type=float)
-    preset("clip_grad", "max gradient norm per parameter tensor (0 = off)", type=float)
-    preset("batch_size_per_gpu", "images per process and step (each gives global + local crops)", type=int)
-    preset("epochs", "training epochs", type=int)
-    preset("freeze_last_layer", "epochs during which the prototypes get no update", type=int)
-    preset("lr", "peak learning rate at batch 256 (scaled linearly with the total batch)", type=float)
-    preset("warmup_epochs", "epochs of linear learning-rate warm-up", type=int)
-    preset("min_lr", "learning rate at the end of the cosine schedule", type=float)
-    preset("optimizer", "optimizer", choices=["adamw", "sgd"])
-    preset("drop_path", "stochastic depth rate of the student (dino.py: --drop_path_rate)", aliases=("--drop_path_rate",), type=float)
-    preset("global_crops_number", "number of global crops (seen by the teacher, masked for the student)", type=int)
-    preset("global_crops_scale", "area range of the global crops", type=float, nargs=2)
-    preset("local_crops_number", "number of local crops (0 = no multi-crop)", type=int)
-    preset("local_crops_scale", "area range of the local crops", type=float, nargs=2)
-    preset("global_crops_size", "side of the global crops in pixels", type=int)
-    preset("local_crops_size", "side of the local crops in pixels", type=int)
-    preset("saveckp_freq", "also keep checkpointNNNN.pth every this many epochs", type=int)
-    preset("num_workers", "data-loading processes per training process", type=int)
-    p.add_argument("--use_masked_im_modeling", type=bool_flag, default=True,
-                   help="replace masked patches by the mask token in the student (false: the patch term sees the full crop)")
-    p.add_argument("--data", default="fashion-mnist", choices=list(DATASETS), help="dataset")
-    p.add_argument("--data_path", default=None, help="dataset folder (imagenet/folder: with train/ and val/)")
-    p.add_argument("--preset", default=None, choices=list(PRESETS), help="preset to use (default: that of --data)")
-    p.add_argument("--long_tail", type=float, default=None, metavar="RHO",
-                   help="subsample training classes to an exponential profile with imbalance ratio RHO")
-    p.add_argument("--koleo", type=float, default=0.0, metavar="LAMBDA",
-                   help="weight of KoLeo-Proto on the prototypes of each last layer (0 = off)")
-    p.add_argument("--vmf", action="store_true", help="iBOT-vMF: unnormalized prototypes, vMF normalizer, probability centring")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="autocast dtype (auto: bf16 on a GPU that has it, else fp32); replaces --use_fp16")
-    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="torch.compile student and teacher with BACKEND (alone: inductor; "
-                        "default: off): the first steps compile, later ones run faster")
-    p.add_argument("--output_dir", default=None, help="where checkpoints and logs go (default runs/ibot-<data>)")
-    p.add_argument("--resume", default=None, help="checkpoint to continue from (default: output_dir/checkpoint.pth if any)")
-    p.add_argument("--subset", type=int, default=None, help="use N training and N test images, "
-                   "a seeded sample keeping the class shares (quick checks)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by old launchers
-    return p
-
-
-def parse_args(argv=None):
-    args = get_args_parser().parse_args(argv)
-    preset = PRESETS.get(args.preset or args.data, {})
-    unset = [name for name in OFFICIAL if getattr(args, name) is None]
-    for name in unset:
-        setattr(args, name, preset.get(name, OFFICIAL[name]))
-    room = dict(warmup_epochs=args.epochs,
-                warmup_teacher_temp_epochs=args.epochs - args.pred_start_epoch)
-    for name, most in room.items():  # a warm-up not asked for fits
-        if name in unset and getattr(args, name) > most >= 0:
-            if os.environ.get("RANK", "0") == "0":
-                print(f"--{name} {getattr(args, name)} of the preset shortened to {most} "
-                      f"to fit --epochs {args.epochs}")
-            setattr(args, name, most)
-    if args.vmf:
-        args.norm_last_layer = False  # vMF components need free norms: kappa_k = ||w_k|| / tau
-    if args.shared_head or args.shared_head_teacher:
-        args.patch_out_dim = args.out_dim  # one set of prototypes serves both tokens on one side
-    if len(args.pred_ratio_var) == 1:
-        args.pred_ratio_var = args.pred_ratio_var * len(args.pred_ratio)
-    args.output_dir = args.output_dir or os.path.join("runs", f"ibot-{args.preset or args.data}")
-    check_args(args)
-    return args
-
-
-def check_args(args):
-    problems = [
-        (min(args.out_dim, args.patch_out_dim) < 2, "--out_dim and --patch_out_dim need at least 2 prototypes"),
-        (args.bottleneck_dim < 2, "--bottleneck_dim must be at least 2"),
-        (args.batch_size_per_gpu < 1, f"--batch_size_per_gpu {args.batch_size_per_gpu}: must be at least 1"),
-        (args.epochs < 1, "--epochs must be at least 1"),
-        (not 0 <= args.warmup_epochs <= args.epochs, f"--warmup_epochs {args.warmup_epochs} must lie in [0, --epochs {args.epochs}]"),
-        (args.global_crops_number < 1, "--global_crops_number must be at least 1"),
-        (args.global_crops_number + args.local_crops_number < 2, "iBOT needs at least 2 crops: raise --local_crops_number"),
-        (args.local_crops_number < 0, "--local_crops_number cannot be negative"),
-        (not 0 <= args.warmup_teacher_temp_epochs + args.pred_start_epoch <= args.epochs,
-         f"--warmup_teacher_temp_epochs {args.warmup_teacher_temp_epochs} (+ --pred_start_epoch {args.pred_start_epoch}) "
-         f"must lie in [0, --epochs {args.epochs}]"),
-        (min(args.teacher_temp, args.warmup_teacher_temp, args.teacher_patch_temp, args.warmup_teacher_patch_temp) <= 0,
-         "teacher temperatures must be positive"),
-        (len(args.pred_ratio_var) != len(args.pred_ratio),
-         f"--pred_ratio_var takes one value or one per --pred_ratio ({len(args.pred_ratio)})"),
-        (any(not 0 <= r - v <= r + v <= 1 for r, v in zip(args.pred_ratio, args.pred_ratio_var)),
-         "each --pred_ratio r with its --pred_ratio_var v needs 0 <= r - v and r + v <= 1"),
-        (not 0 < args.pred_aspect_ratio[0] <= args.pred_aspect_ratio[1], "--pred_aspect_ratio needs 0 < low <= high"),
-        (args.long_tail is not None and args.long_tail < 1, "--long_tail RHO must be >= 1 (RHO = largest / smallest class)"),
-        (args.koleo < 0, "--koleo must be >= 0"),
-        (args.subset is not None and args.subset < 1, "--subset must be at least 1"),
-    ]
-    for flag in ("global_crops_size", "local_crops_size"):
-        size = getattr(args, flag)
-        problems.append((size < args.patch_size or size % args.patch_size,
-                         f"--{flag} {size} is not a multiple of --patch_size {args.patch_size}"))
-    for bad, message in problems:
-        if bad:
-            raise BadInput(message)
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. Data and multi-crop augmentation
-# ----------------------------------------------------------------------------------------------
-# name: (mean, std) of the pixels, used to normalize them.
-DATASETS = {
-    "fashion-mnist": ((0.2860,) * 3, (0.3530,) * 3),
-    "fashion-mnist-full": ((0.2860,) * 3, (0.3530,) * 3),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
-
-
-class GaussianBlur:
-    """Blur with probability p and a random radius (PIL), as the official recipe."""
-
-    def __init__(self, p, radius_min, radius_max):
-        self.p, self.radius_min, self.radius_max = p, radius_min, radius_max
-
-    def __call__(self, img):
-        if torch.rand(()) >= self.p:
-            return img
-        radius = self.radius_min + (self.radius_max - self.radius_min) * torch.rand(()).item()
-        return img.filter(ImageFilter.GaussianBlur(radius=radius))
-
-
-class DataAugmentationiBOT:
-    """Multi-crop (Caron et al. 2021, Sec. 3.1): global views for teacher and student (the student's
-    are masked), and local_crops_number small views for the student's [CLS] term only."""
-
-    def __init__(self, global_crops_scale, local_crops_scale, global_crops_number, local_crops_number,
-                 global_size, local_size, mean, std):
-        flip_and_color_jitter = transforms.Compose([
-            transforms.RandomHorizontalFlip(p=0.5),
-            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-            transforms.RandomGrayscale(p=0.2)])
-        normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
-        # The official blur radius (0.1 to 2 px) is meant for 224 px crops: scale it with the image.
-        blur = partial(GaussianBlur, radius_min=0.1 * global_size / 224, radius_max=2.0 * global_size / 224)
-        bicubic = transforms.InterpolationMode.BICUBIC
-        global_crop = partial(transforms.RandomResizedCrop, global_size, scale=global_crops_scale, interpolation=bicubic)
-        self.global_transfo1 = transforms.Compose([global_crop(), flip_and_color_jitter, blur(1.0), normalize])
-        self.global_transfo2 = transforms.Compose([global_crop(), flip_and_color_jitter, blur(0.1),
-                                                    transforms.RandomSolarize(128, p=0.2), normalize])
-        self.local_transfo = transforms.Compose([
-            transforms.RandomResizedCrop(local_size, scale=local_crops_scale, interpolation=bicubic),
-            flip_and_color_jitter, blur(0.5), normalize])
-        self.global_crops_number, self.local_crops_number = global_crops_number, local_crops_number
-
-    def __call__(self, image):
-        crops = [self.global_transfo1(image)] + [self.global_transfo2(image) for _ in range(self.global_crops_number - 1)]
-        return crops + [self.local_transfo(image) for _ in range(self.local_crops_number)]
-
-
-def block_mask(H, W, num_masked, log_aspect_ratio, rng):
-    """A (H, W) boolean mask of at most num_masked patches made of rectangles (BEiT, Bao et al. 2022):
-    masking whole blocks, not scattered patches, keeps the task from being solved by copying a
-    neighbour. Each block's area is drawn from [(min(H, W) // 3)^2, patches still to mask] (16 on
-    14 x 14), its aspect ratio log-uniformly; a block must add at least one new patch and may not
-    overshoot. After 10 failed draws in a row the mask is returned as it is, so it usually ends a
-    little short (about 57 of 59 patches at ratio 0.3 on 14 x 14)."""
-    mask = np.zeros((H, W), dtype=bool)
-    count, min_area = 0, (min(H, W) // 3) ** 2
-    while count < num_masked:
-        left_to_mask, added = num_masked - count, 0
-        for _ in range(10):
-            area = rng.uniform(min_area, left_to_mask)
-            aspect = math.exp(rng.uniform(*log_aspect_ratio))
-            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
-            if w < W and h < H:
-                top, left = rng.randint(0, H - h), rng.randint(0, W - w)
-                new = h * w - mask[top:top + h, left:left + w].sum()
-                if 0 < new <= left_to_mask:
-                    mask[top:top + h, left:left + w] = True
-                    added = new
-                    break
-        if added == 0:
-            break
-        count += added
-    return mask
-
-
-class MaskedCrops(torch.utils.data.Dataset):
-    """Wraps a dataset whose transform returns crops; adds one patch mask per global crop, made in the
-    data-loader workers as the official ImageFolderMask does. Each global crop draws its masking
-    ratio: one of pred_ratio at random, then uniform within +-pred_ratio_var (Zhou et al. 2022)."""
-
-    def __init__(self, dataset, patch_size, global_crops_number, pred_ratio, pred_ratio_var, pred_aspect_ratio,
-                 pred_shape="block", pred_start_epoch=0):
-        self.dataset, self.patch_size, self.global_crops_number = dataset, patch_size, global_crops_number
-        self.pred_ratio, self.pred_ratio_var = list(pred_ratio), list(pred_ratio_var)
-        self.log_aspect_ratio = tuple(math.log(a) for a in pred_aspect_ratio)
-        self.pred_shape, self.pred_start_epoch, self.epoch = pred_shape, pred_start_epoch, 0
-
-    def set_epoch(self, epoch):  # the main process sets it; workers are recreated every epoch
-        self.epoch = epoch
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def get_pred_ratio(self):  # Python's random: the DataLoader seeds it in each worker
-        if self.epoch < self.pred_start_epoch:
-            return 0.0
-        # every candidate is drawn, then one chosen: the official order of draws, so the same seed
-        # gives the official block masks (without local crops: the official loader masks those too)
-        ratios = [random.uniform(r - var, r + var) if var > 0 else r for r, var in zip(self.pred_ratio, self.pred_ratio_var)]
-        return ratios[0] if len(ratios) == 1 else random.choice(ratios)
-
-    def make_mask(self, H, W):
-        num_masked = self.get_pred_ratio() * H * W
-        if self.pred_shape == "block":
-            return torch.from_numpy(block_mask(H, W, num_masked, self.log_aspect_ratio, random))
-        mask = torch.zeros(H * W, dtype=torch.bool)
-        mask[torch.randperm(H * W)[:int(num_masked)]] = True
-        return mask.reshape(H, W)
-
-    def __getitem__(self, i):
-        crops, target = self.dataset[i]
-        masks = [self.make_mask(c.shape[-2] // self.patch_size, c.shape[-1] // self.patch_size)
-                 for c in crops[:self.global_crops_number]]
-        return crops, target, masks
-
-
-def eval_transform(args, mean, std):
-    """Deterministic view for kNN: the official Resize(256) + CenterCrop(224), scaled to the crop size."""
-    size = args.global_crops_size
-    return transforms.Compose([
-        transforms.Resize(size * 256 // 224, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(size), transforms.ToTensor(), transforms.Normalize(mean, std)])
-
-
-def read_idx(path):
-    """Read an IDX file (the MNIST format), gzipped or not, into a uint8 array."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-class ArrayDataset(torch.utils.data.Dataset):
-    """Grey images held in memory as a uint8 array (N, H, W)."""
-
-    def __init__(self, images, targets, transform):
-        self.images, self.targets, self.transform = images, [int(t) for t in targets], transform
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.transform(Image.fromarray(self.images[i]).convert("RGB")), self.targets[i]
-
-
-def pil_loader(path):
-    try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except (OSError, ValueError) as e:
-        raise BadInput(f"cannot read image {path} ({e.__class__.__name__}): remove or replace it") from None
-
-
-def fashion_mnist(folder, train, transform):
-    split = "train" if train else "t10k"
-    files = [os.path.join(folder, f"{split}-{kind}-ubyte.gz") for kind in ("images-idx3", "labels-idx1")]
-    files = [f if os.path.exists(f) else f[:-3] for f in files]  # gzipped or not
-    if not all(os.path.exists(f) for f in files):
-        raise BadInput(f"no Fashion-MNIST files ({split}-images-idx3-ubyte[.gz]) in {folder}: "
-                       "pass the folder that holds them with --data_path")
-    return ArrayDataset(read_idx(files[0]), read_idx(files[1]), transform)
-
-
-def image_folder(root, transform):
-    if not os.path.isdir(root):
-        raise BadInput(f"{root} is not a folder: --data_path needs train/ and val/ with one subfolder per class")
-    try:
-        return datasets.ImageFolder(root, transform, loader=pil_loader)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise BadInput(f"no images in {root} ({e}): expected one subfolder of images per class") from None
-
-
-def build_dataset(args, train, transform):
-    """The train or test split of --data, with .targets (one int label per image)."""
-    name, path = args.data, args.data_path
-    if name == "fashion-mnist":
-        return fashion_mnist(path or os.path.join(HERE, "data", "fashion-mnist-sample"), train, transform)
-    if name == "fashion-mnist-full":
-        debian = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
-        if path is None and os.path.isdir(debian):
-            return fashion_mnist(debian, train, transform)
-        ds = datasets.FashionMNIST(path or "data", train=train, download=True)
-        return ArrayDataset(ds.data.numpy(), ds.targets.tolist(), transform)
-    if name in ("cifar10", "cifar100"):
-        cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-        return cls(path or "data", train=train, transform=transform, download=True)
-    if path is None:
-        raise BadInput(f"--data {name} needs --data_path (a folder with train/ and val/, one subfolder per class)")
-    if name == "folder" and not os.path.isdir(os.path.join(path, "train")):
-        return image_folder(path, transform) if train else None  # a single tree: train only, no kNN
-    return image_folder(os.path.join(path, "train" if train else "val"), transform)
-
-
-def long_tail_indices(targets, rho, seed):
-    """Exponential class profile of CIFAR-10-LT (Cao et al., 2019): the i-th class keeps
-    n_max * rho^(-i / (C - 1)) images, so the largest class has rho times the smallest."""
-    targets = np.asarray(targets)
-    classes, counts = np.unique(targets, return_counts=True)
-    rng = np.random.default_rng(seed)
-    keep = [rng.choice(np.flatnonzero(targets == c), max(1, int(counts.min() * rho ** (-i / max(1, len(classes) - 1)))),
-                       replace=False) for i, c in enumerate(classes)]
-    return np.sort(np.concatenate(keep))
-
-
-def balanced_subset(indices, targets, n, seed):
-    """n of the indices drawn at random (seeded), each class keeping its share of them (largest
-    remainder): the first n would be a few classes of a folder tree, which is sorted by class."""
-    indices = np.asarray(indices)
-    if n is None or n >= len(indices):
-        return indices
-    labels = np.asarray(targets)[indices]
-    classes, counts = np.unique(labels, return_counts=True)
-    quota = counts * n / len(indices)
-    take = np.floor(quota).astype(int)
-    take[np.argsort(take - quota, kind="stable")[:n - take.sum()]] += 1
-    rng = np.random.default_rng(seed)
-    keep = [rng.choice(indices[labels == c], k, replace=False) for c, k in zip(classes, take)]
-    return np.sort(np.concatenate(keep))
-
-
-def training_indices(args, targets):
-    """Which training images are used: --long_tail subsampling, then --subset."""
-    indices = np.arange(len(targets))
-    if args.long_tail:
-        indices = long_tail_indices(targets, args.long_tail, args.seed)
-    return balanced_subset(indices, targets, args.subset, args.seed)
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. Model: VisionTransformer with a mask token (official key names), iBOTHead, MultiCropWrapper
-# ----------------------------------------------------------------------------------------------
-class DropPath(nn.Module):
-    """Stochastic depth: drop the residual branch for whole samples (Huang et al., 2016)."""
-
-    def __init__(self, drop_prob=0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x):
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden_dim):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
+# ==============================================================================================
+# 1. The model: VisionTransformer with a mask token (official key names), iBOTHead, MultiCropWrapper
+# ==============================================================================================
 class Attention(nn.Module):
     def __init__(self, dim, num_heads, qkv_bias=True):
         super().__init__()
@@ -522,8 +81,9 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, C / heads), fused kernel
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, heads, N, C / heads)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, N, C / heads)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -531,8 +91,11 @@ class Block(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio, qkv_bias, drop_path, norm_layer):
         super().__init__()
         self.norm1, self.attn = norm_layer(dim), Attention(dim, num_heads, qkv_bias)
-        self.drop_path = DropPath(drop_path)
-        self.norm2, self.mlp = norm_layer(dim), Mlp(dim, int(dim * mlp_ratio))
+        # stochastic depth (Huang et al., 2016): drops the residual branch for whole samples
+        self.drop_path = StochasticDepth(drop_path, "row")
+        hidden = int(dim * mlp_ratio)
+        self.norm2, self.mlp = norm_layer(dim), nn.Sequential(OrderedDict(
+            fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
 
     def forward(self, x):
         x = x + self.drop_path(self.attn(self.norm1(x)))
@@ -550,19 +113,21 @@ class PatchEmbed(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT (Dosovitskiy et al., 2021) as in the official iBOT code: DINO's, plus a learned mask token
-    (masked_embed) that replaces the masked patch embeddings of the student's global crops."""
+    """ViT (Dosovitskiy et al., 2021) as in the official iBOT code: DINO's, plus a learned mask
+    token (masked_embed) that replaces the masked patch embeddings of the student's global crops."""
 
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
-                 mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, norm_layer=partial(nn.LayerNorm, eps=1e-6),
-                 return_all_tokens=False, masked_im_modeling=False):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12,
+                 num_heads=12, mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0,
+                 norm_layer=partial(nn.LayerNorm, eps=1e-6), return_all_tokens=False,
+                 masked_im_modeling=False):
         super().__init__()
         self.embed_dim, self.return_all_tokens = embed_dim, return_all_tokens
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
-        drop_rates = torch.linspace(0, drop_path_rate, depth).tolist()  # deeper blocks are dropped more often
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r, norm_layer) for r in drop_rates)
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # deeper blocks dropped more
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r, norm_layer)
+                                    for r in rates)
         self.norm = norm_layer(embed_dim)
         self.head = nn.Identity()  # no classifier: iBOT trains the backbone without labels
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -572,14 +137,14 @@ class VisionTransformer(nn.Module):
             self.masked_embed = nn.Parameter(torch.zeros(1, embed_dim))
 
     def interpolate_pos_encoding(self, x, h, w):
-        """Bicubic resize of the position grid for crops of another size (local crops, eval sizes)."""
+        """Bicubic resize of the position grid for crops of another size (local crops, eval)."""
         n = self.pos_embed.shape[1] - 1
         if x.shape[1] - 1 == n and h == w:
             return self.pos_embed
         side, dim = int(math.sqrt(n)), x.shape[-1]
         h0, w0 = h // self.patch_embed.patch_size, w // self.patch_embed.patch_size
-        # The official code asks for scale (h0 + 0.1) / side: the 0.1 keeps floor() from losing a row,
-        # and the same scale gives the same bicubic weights, so official checkpoints match exactly.
+        # The official code asks for scale (h0 + 0.1) / side: the 0.1 keeps floor() from losing a
+        # row, and the same scale gives the same bicubic weights, so official checkpoints match.
         grid = F.interpolate(self.pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2),
                              scale_factor=((h0 + 0.1) / side, (w0 + 0.1) / side), mode="bicubic")
         grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim)
@@ -625,12 +190,13 @@ def vit(embed_dim, depth, num_heads):  # a builder taking patch_size, img_size, 
     return partial(VisionTransformer, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
 
 
-vit_nano = vit(128, 6, 4)  # not official: small enough to learn Fashion-MNIST on 2 CPU cores in minutes
+vit_nano = vit(128, 6, 4)  # not official: small enough to learn Fashion-MNIST on 2 CPU cores
 vit_tiny = vit(192, 12, 3)
 vit_small = vit(384, 12, 6)
 vit_base = vit(768, 12, 12)
 vit_large = vit(1024, 24, 16)
-ARCHS = {"vit_nano": vit_nano, "vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base, "vit_large": vit_large}
+ARCHS = dict(vit_nano=vit_nano, vit_tiny=vit_tiny, vit_small=vit_small, vit_base=vit_base,
+             vit_large=vit_large)
 
 
 class WeightNormLinear(nn.Module):
@@ -640,14 +206,15 @@ class WeightNormLinear(nn.Module):
 
     def __init__(self, in_dim, out_dim):
         super().__init__()
-        linear = nn.Linear(in_dim, out_dim, bias=False)  # nn.Linear's initialization, as the official head
+        linear = nn.Linear(in_dim, out_dim, bias=False)  # nn.Linear's init, as the official head
         self.weight_v = nn.Parameter(linear.weight.detach().clone())
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
 
     @property
     def weight(self):  # (K, D): the prototypes
-        # the fused kernel that torch.nn.utils.weight_norm runs: at K = 65536 it is ~10x faster
-        # on CPU than spelling out g * v / ||v||, whose backward makes several (K, D) temporaries
+        # torch._weight_norm(v, g, 0) is g * v / ||v|| (norm over dim 1), the fused kernel behind
+        # torch.nn.utils.weight_norm: at K = 65536 ~10x faster on CPU than spelling it out, whose
+        # backward makes several (K, D) temporaries
         return torch._weight_norm(self.weight_v, self.weight_g, 0)
 
     def forward(self, x):
@@ -660,20 +227,21 @@ class iBOTHead(nn.Module):
     (patch_out_dim prototypes), which is the same module when shared_head (Zhou et al. 2022;
     the state dict then holds it under both names, as the official checkpoints do)."""
 
-    def __init__(self, in_dim, out_dim, patch_out_dim=8192, norm_last_layer=True, nlayers=3, hidden_dim=2048,
-                 bottleneck_dim=256, shared_head=False):
+    def __init__(self, in_dim, out_dim, patch_out_dim=8192, norm_last_layer=True, nlayers=3,
+                 hidden_dim=2048, bottleneck_dim=256, shared_head=False):
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (max(nlayers, 1) - 1) + [bottleneck_dim]
         layers = []
-        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-            layers.append(nn.Linear(a, b))
-            if i < len(dims) - 2:  # no GELU after the bottleneck layer
-                layers.append(nn.GELU())
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b), nn.GELU()]
+        layers = layers[:-1]  # no GELU after the bottleneck layer
         self.mlp = layers[0] if len(layers) == 1 else nn.Sequential(*layers)
         self.apply(init_weights)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
-        self.last_layer2 = self.last_layer if shared_head else WeightNormLinear(bottleneck_dim, patch_out_dim)
-        # Unit-norm prototypes make the logits cosine similarities; iBOT-vMF lets g train and corrects the logits.
+        self.last_layer2 = self.last_layer if shared_head else \
+            WeightNormLinear(bottleneck_dim, patch_out_dim)
+        # Unit-norm prototypes make the logits cosine similarities; iBOT-vMF lets g train and
+        # corrects the logits.
         for layer in (self.last_layer, self.last_layer2):
             layer.weight_g.requires_grad = not norm_last_layer
 
@@ -693,19 +261,21 @@ class iBOTHead(nn.Module):
             return self.last_layer(x[:, 0]), self.last_layer2(x[:, 1:])
         B = len(x)
         rows, cols = (i.to(x.device, non_blocking=True) for i in patch_mask.nonzero(as_tuple=True))
-        y = self.project(torch.cat([x[:, 0], x[:, 1:][rows, cols]]))  # (B + masked tokens, bottleneck)
+        y = self.project(torch.cat([x[:, 0], x[:, 1:][rows, cols]]))  # (B + masked, bottleneck)
         scored = self.last_layer2(y[B:])  # (masked tokens, K2)
-        patch = scored.new_zeros(*patch_mask.shape, scored.shape[-1]).index_put((rows, cols), scored)
+        patch = scored.new_zeros(*patch_mask.shape, scored.shape[-1])
+        patch = patch.index_put((rows, cols), scored)
         return self.last_layer(y[:B]), patch
 
     def prototype_layers(self):
         """{name: layer} of the distinct last layers: one when shared, two otherwise."""
-        return {"last_layer": self.last_layer} if self.last_layer2 is self.last_layer else \
-            {"last_layer": self.last_layer, "last_layer2": self.last_layer2}
+        if self.last_layer2 is self.last_layer:
+            return {"last_layer": self.last_layer}
+        return {"last_layer": self.last_layer, "last_layer2": self.last_layer2}
 
 
 class MultiCropWrapper(nn.Module):
-    """Runs the backbone once per group of same-size crops (with their masks), then the head once."""
+    """Runs the backbone once per group of same-size crops (with their masks), the head once."""
 
     def __init__(self, backbone, head):
         super().__init__()
@@ -713,42 +283,157 @@ class MultiCropWrapper(nn.Module):
         self.backbone, self.head = backbone, head
 
     def forward(self, x, mask=None, return_all_tokens=None, patch_mask=None):
-        """x: crops (B, 3, H, W); mask: their token masks (B, h, w) for the mask token; patch_mask: the
-        same for the patch tokens the head must score (default all)."""
+        """x: crops (B, 3, H, W); mask: their token masks (B, h, w) for the mask token; patch_mask:
+        the same for the patch tokens the head must score (default all)."""
         crops = x if isinstance(x, (list, tuple)) else [x]
         masks = mask if isinstance(mask, (list, tuple)) or mask is None else [mask]
-        feats, start = [], 0
-        while start < len(crops):
-            end = start
-            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
-                end += 1
-            group_mask = torch.cat(masks[start:end]) if masks is not None else None
-            feats.append(self.backbone(torch.cat(crops[start:end]), return_all_tokens, group_mask))
-            start = end
+        feats = []
+        for _, group in groupby(range(len(crops)), lambda i: crops[i].shape[-2:]):  # same size
+            group = list(group)
+            group_mask = None if masks is None else torch.cat([masks[i] for i in group])
+            feats.append(self.backbone(torch.cat([crops[i] for i in group]), return_all_tokens,
+                                       group_mask))
         if patch_mask is not None:
             patch_mask = torch.cat(list(patch_mask)).flatten(1)  # (n_crops * B, N)
             return self.head(torch.cat(feats), patch_mask)
         return self.head(torch.cat(feats))  # crop-major: crop 0's batch first
 
 
-def build_backbone(args, drop_path_rate=0.0, masked_im_modeling=False):
-    return ARCHS[args.arch](patch_size=args.patch_size, img_size=args.global_crops_size, drop_path_rate=drop_path_rate,
-                            return_all_tokens=True, masked_im_modeling=masked_im_modeling)
-
-
 def build_models(args):
-    """Student and teacher of the same architecture; only the student has stochastic depth and the mask token."""
-    student_backbone = build_backbone(args, args.drop_path, args.use_masked_im_modeling)
-    teacher_backbone = build_backbone(args)
-    head = partial(iBOTHead, student_backbone.embed_dim, args.out_dim, patch_out_dim=args.patch_out_dim,
+    """Student and teacher of the same architecture; only the student has stochastic depth and the
+    mask token."""
+    backbone = partial(ARCHS[args.arch], patch_size=args.patch_size,
+                       img_size=args.global_crops_size, return_all_tokens=True)
+    student = backbone(drop_path_rate=args.drop_path,
+                       masked_im_modeling=args.use_masked_im_modeling)
+    teacher = backbone()
+    head = partial(iBOTHead, student.embed_dim, args.out_dim, patch_out_dim=args.patch_out_dim,
                    norm_last_layer=args.norm_last_layer, bottleneck_dim=args.bottleneck_dim)
-    return (MultiCropWrapper(student_backbone, head(shared_head=args.shared_head)),
-            MultiCropWrapper(teacher_backbone, head(shared_head=args.shared_head_teacher)))
+    return (MultiCropWrapper(student, head(shared_head=args.shared_head)),
+            MultiCropWrapper(teacher, head(shared_head=args.shared_head_teacher)))
 
 
-# ----------------------------------------------------------------------------------------------
-# 4. Loss: iBOTLoss, with iBOT-vMF's normalizer and probability centring
-# ----------------------------------------------------------------------------------------------
+# ==============================================================================================
+# 2. Crops (multi-crop) and block masks
+# ==============================================================================================
+class GaussianBlur:
+    """Blur with probability p and a random radius (PIL), as the official recipe."""
+
+    def __init__(self, p, radius_min, radius_max):
+        self.p, self.radius_min, self.radius_max = p, radius_min, radius_max
+
+    def __call__(self, img):
+        if torch.rand(()) >= self.p:
+            return img
+        radius = self.radius_min + (self.radius_max - self.radius_min) * torch.rand(()).item()
+        return img.filter(ImageFilter.GaussianBlur(radius=radius))
+
+
+class DataAugmentationiBOT:
+    """Multi-crop (Caron et al. 2021, Sec. 3.1): global views for teacher and student (the
+    student's are masked), and local_crops_number small views for the student's [CLS] term only."""
+
+    def __init__(self, global_crops_scale, local_crops_scale, global_crops_number,
+                 local_crops_number, global_size, local_size, mean, std):
+        flip_and_color_jitter = transforms.Compose([
+            transforms.RandomHorizontalFlip(p=0.5),
+            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            transforms.RandomGrayscale(p=0.2)])
+        normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+        # The official blur radius (0.1 to 2 px) is meant for 224 px crops: scale it with the image.
+        blur = partial(GaussianBlur, radius_min=0.1 * global_size / 224,
+                       radius_max=2.0 * global_size / 224)
+        crop = partial(transforms.RandomResizedCrop,
+                       interpolation=transforms.InterpolationMode.BICUBIC)
+        self.global_transfo1 = transforms.Compose([
+            crop(global_size, global_crops_scale), flip_and_color_jitter, blur(1.0), normalize])
+        self.global_transfo2 = transforms.Compose([
+            crop(global_size, global_crops_scale), flip_and_color_jitter, blur(0.1),
+            transforms.RandomSolarize(128, p=0.2), normalize])
+        self.local_transfo = transforms.Compose([
+            crop(local_size, local_crops_scale), flip_and_color_jitter, blur(0.5), normalize])
+        self.global_crops_number, self.local_crops_number = global_crops_number, local_crops_number
+
+    def __call__(self, image):
+        crops = [self.global_transfo1(image)]
+        crops += [self.global_transfo2(image) for _ in range(self.global_crops_number - 1)]
+        return crops + [self.local_transfo(image) for _ in range(self.local_crops_number)]
+
+
+def block_mask(H, W, num_masked, log_aspect_ratio, rng):
+    """A (H, W) boolean mask of at most num_masked patches made of rectangles (BEiT, Bao et al.
+    2022): masking whole blocks, not scattered patches, keeps the task from being solved by copying
+    a neighbour. Each block's area is drawn from [(min(H, W) // 3)^2, patches still to mask] (16
+    on 14 x 14), its aspect ratio log-uniformly; a block must add at least one new patch and may
+    not overshoot. After 10 failed draws in a row the mask is returned as it is, so it usually ends
+    a little short (about 57 of 59 patches at ratio 0.3 on 14 x 14)."""
+    mask = np.zeros((H, W), dtype=bool)
+    count, min_area = 0, (min(H, W) // 3) ** 2
+    while count < num_masked:
+        left_to_mask, added = num_masked - count, 0
+        for _ in range(10):
+            area = rng.uniform(min_area, left_to_mask)
+            aspect = math.exp(rng.uniform(*log_aspect_ratio))
+            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if w < W and h < H:
+                top, left = rng.randint(0, H - h), rng.randint(0, W - w)
+                new = h * w - mask[top:top + h, left:left + w].sum()
+                if 0 < new <= left_to_mask:
+                    mask[top:top + h, left:left + w] = True
+                    added = new
+                    break
+        if added == 0:
+            break
+        count += added
+    return mask
+
+
+class MaskedCrops(torch.utils.data.Dataset):
+    """Wraps a dataset whose transform returns crops; adds one patch mask per global crop, made in
+    the data-loader workers as the official ImageFolderMask does. Each global crop draws its masking
+    ratio: one of pred_ratio at random, then uniform within +-pred_ratio_var (Zhou et al. 2022)."""
+
+    def __init__(self, dataset, patch_size, global_crops_number, pred_ratio, pred_ratio_var,
+                 pred_aspect_ratio, pred_shape="block", pred_start_epoch=0):
+        self.dataset, self.patch_size, self.global_crops_number = dataset, patch_size, \
+            global_crops_number
+        self.pred_ratio, self.pred_ratio_var = list(pred_ratio), list(pred_ratio_var)
+        self.log_aspect_ratio = tuple(math.log(a) for a in pred_aspect_ratio)
+        self.pred_shape, self.pred_start_epoch, self.epoch = pred_shape, pred_start_epoch, 0
+
+    def set_epoch(self, epoch):  # the main process sets it; workers are recreated every epoch
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def get_pred_ratio(self):  # Python's random: the DataLoader seeds it in each worker
+        if self.epoch < self.pred_start_epoch:
+            return 0.0
+        # every candidate is drawn, then one chosen: the official order of draws, so the same seed
+        # gives the official block masks (without local crops: the official loader masks those too)
+        ratios = [random.uniform(r - var, r + var) if var > 0 else r
+                  for r, var in zip(self.pred_ratio, self.pred_ratio_var)]
+        return ratios[0] if len(ratios) == 1 else random.choice(ratios)
+
+    def make_mask(self, H, W):
+        num_masked = self.get_pred_ratio() * H * W
+        if self.pred_shape == "block":
+            return torch.from_numpy(block_mask(H, W, num_masked, self.log_aspect_ratio, random))
+        mask = torch.zeros(H * W, dtype=torch.bool)
+        mask[torch.randperm(H * W)[:int(num_masked)]] = True
+        return mask.reshape(H, W)
+
+    def __getitem__(self, i):
+        crops, target = self.dataset[i]
+        masks = [self.make_mask(c.shape[-2] // self.patch_size, c.shape[-1] // self.patch_size)
+                 for c in crops[:self.global_crops_number]]
+        return crops, target, masks
+
+
+# ==============================================================================================
+# 3. The loss: iBOTLoss, with iBOT-vMF's normalizer and probability centring
+# ==============================================================================================
 def vmf_log_normalizer(kappa, p):
     """log C_p(kappa) of a von Mises-Fisher density on the unit sphere in R^p, up to a constant:
     C_p(kappa) = kappa^(p/2-1) / ((2 pi)^(p/2) I_(p/2-1)(kappa)). The Bessel function overflows for
@@ -770,14 +455,9 @@ def temperature_schedule(warmup, final, warmup_epochs, nepochs, start_epoch=0):
 
 
 class iBOTLoss(nn.Module):
-    """iBOT's objective (Zhou et al. 2022), two self-distillation terms:
-      [CLS] (lambda1): DINO's cross-entropy between the centred, sharpened teacher distribution of
-          each global view and the student's of every other view, local crops included;
-      patch (lambda2): for the same global view, the teacher sees the whole crop and the student the
-          masked one; cross-entropy per masked token, averaged over the masked tokens of each image,
-          then over images (an image without masked tokens adds 0).
-    Each term has its own centre (an EMA of the teacher's batch mean; the patch centre over all
-    tokens) and its own teacher temperature.
+    """iBOT's two terms, L_[CLS] (lambda1) and L_MIM (lambda2), as in the module docstring: the
+    patch cross-entropy is averaged over the masked tokens of each image, then over images (an
+    image without masked tokens adds 0); the patch centre averages all tokens.
 
     With vmf_dim = p (iBOT-vMF), pass the prototype norms of both last layers: each logit gains
     log C_p(kappa_k), kappa_k = ||w_k|| / tau, and the teacher is centred in probability space:
@@ -790,24 +470,28 @@ class iBOTLoss(nn.Module):
     """
 
     def __init__(self, out_dim, patch_out_dim, ngcrops, nlcrops, warmup_teacher_temp, teacher_temp,
-                 warmup_teacher_temp2, teacher_temp2, warmup_teacher_temp_epochs, nepochs, student_temp=0.1,
-                 center_momentum=0.9, center_momentum2=0.9, lambda1=1.0, lambda2=1.0, mim_start_epoch=0, vmf_dim=None):
+                 warmup_teacher_temp2, teacher_temp2, warmup_teacher_temp_epochs, nepochs,
+                 student_temp=0.1, center_momentum=0.9, center_momentum2=0.9, lambda1=1.0,
+                 lambda2=1.0, mim_start_epoch=0, vmf_dim=None):
         super().__init__()
         self.student_temp, self.ngcrops, self.ncrops = student_temp, ngcrops, ngcrops + nlcrops
         self.center_momentum, self.center_momentum2 = center_momentum, center_momentum2
         self.lambda1, self.lambda2, self.vmf_dim = lambda1, lambda2, vmf_dim
-        uniform = bool(vmf_dim)  # a probability centre starts uniform, a logit centre at zero
-        self.register_buffer("center", torch.full((1, out_dim), 1.0 / out_dim if uniform else 0.0))
-        self.register_buffer("center2", torch.full((1, 1, patch_out_dim), 1.0 / patch_out_dim if uniform else 0.0))
+        # a probability centre starts uniform, a logit centre at zero
+        start = (lambda k: 1.0 / k) if vmf_dim else (lambda k: 0.0)
+        self.register_buffer("center", torch.full((1, out_dim), start(out_dim)))
+        self.register_buffer("center2", torch.full((1, 1, patch_out_dim), start(patch_out_dim)))
         # A low teacher temperature from the start can make training unstable: warm it up linearly.
         # The patch temperature waits for masking to start (mim_start_epoch = --pred_start_epoch).
-        self.teacher_temp_schedule = temperature_schedule(warmup_teacher_temp, teacher_temp,
-                                                          warmup_teacher_temp_epochs, nepochs)
-        self.teacher_temp2_schedule = temperature_schedule(warmup_teacher_temp2, teacher_temp2,
-                                                           warmup_teacher_temp_epochs, nepochs, mim_start_epoch)
+        self.teacher_temp_schedule = temperature_schedule(
+            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
+        self.teacher_temp2_schedule = temperature_schedule(
+            warmup_teacher_temp2, teacher_temp2, warmup_teacher_temp_epochs, nepochs,
+            mim_start_epoch)
 
     def teacher_targets(self, logits, center, temp, norms):
-        """Centred, sharpened teacher probabilities and what its centre averages (logits or probabilities)."""
+        """Centred, sharpened teacher probabilities, and what its centre averages (logits, or
+        probabilities for iBOT-vMF)."""
         logits = logits.float().detach()
         if self.vmf_dim:
             logits = logits / temp + vmf_log_normalizer(norms.detach() / temp, self.vmf_dim)
@@ -820,21 +504,23 @@ class iBOTLoss(nn.Module):
             s = s + vmf_log_normalizer(norms / self.student_temp, self.vmf_dim)
         return F.log_softmax(s, dim=-1)
 
-    def forward(self, student_output, teacher_output, student_local_cls, student_mask, epoch, norms=None):
-        """student_output: ((G * B, K) [CLS] logits, (G * B, N, K2) patch logits) of the masked global
-        crops; teacher_output: the same for the whole global crops; student_local_cls: (L * B, K) or
-        None; student_mask: G masks (B, h, w); norms (iBOT-vMF): prototype norms of the student's and
-        teacher's last layers, keys s1, s2, t1, t2."""
+    def forward(self, student_output, teacher_output, student_local_cls, student_mask, epoch,
+                norms=None):
+        """student_output: ((G * B, K) [CLS] logits, (G * B, N, K2) patch logits) of the masked
+        global crops; teacher_output: the same for the whole global crops; student_local_cls:
+        (L * B, K) or None; student_mask: G masks (B, h, w); norms (iBOT-vMF): prototype norms of
+        the student's and teacher's last layers, keys s1, s2, t1, t2."""
         norms = norms or {}
         student_cls, student_patch = student_output
         teacher_cls, teacher_patch = teacher_output
         if student_local_cls is not None:
             student_cls = torch.cat([student_cls, student_local_cls])
-        cls_logp = self.student_logp(student_cls, norms.get("s1")).chunk(self.ncrops)  # ncrops x (B, K)
-        patch_logp = self.student_logp(student_patch, norms.get("s2")).chunk(self.ngcrops)  # G x (B, N, K2)
-        q_cls, cls_stat = self.teacher_targets(teacher_cls, self.center, self.teacher_temp_schedule[epoch], norms.get("t1"))
-        q_patch, patch_stat = self.teacher_targets(teacher_patch, self.center2, self.teacher_temp2_schedule[epoch],
-                                                   norms.get("t2"))
+        cls_logp = self.student_logp(student_cls, norms.get("s1")).chunk(self.ncrops)  # (B, K)
+        patch_logp = self.student_logp(student_patch, norms.get("s2")).chunk(self.ngcrops)
+        q_cls, cls_stat = self.teacher_targets(
+            teacher_cls, self.center, self.teacher_temp_schedule[epoch], norms.get("t1"))
+        q_patch, patch_stat = self.teacher_targets(
+            teacher_patch, self.center2, self.teacher_temp2_schedule[epoch], norms.get("t2"))
         q_cls, q_patch = q_cls.chunk(self.ngcrops), q_patch.chunk(self.ngcrops)
         loss1 = loss2 = 0.0
         n1 = n2 = 0
@@ -843,11 +529,10 @@ class iBOTLoss(nn.Module):
                 if v == q:  # same view: masked patch prediction
                     per_token = torch.sum(-q_patch[q] * patch_logp[v], dim=-1)  # (B, N)
                     mask = student_mask[v].flatten(-2, -1).float()  # (B, N)
-                    loss2 = loss2 + (torch.sum(per_token * mask, dim=-1) / mask.sum(dim=-1).clamp(min=1.0)).mean()
-                    n2 += 1
+                    per_image = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+                    loss2, n2 = loss2 + per_image.mean(), n2 + 1
                 else:  # other views: DINO's [CLS] term
-                    loss1 = loss1 + torch.sum(-q_cls[q] * cls_logp[v], dim=-1).mean()
-                    n1 += 1
+                    loss1, n1 = loss1 + torch.sum(-q_cls[q] * cls_logp[v], dim=-1).mean(), n1 + 1
         loss1 = loss1 / max(n1, 1) * self.lambda1
         loss2 = loss2 / n2 * self.lambda2
         self.update_center(cls_stat, patch_stat)
@@ -856,29 +541,32 @@ class iBOTLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_cls, teacher_patch):
-        """EMA of the batch means over all processes: logits for iBOT, probabilities for iBOT-vMF."""
-        batch = torch.cat([teacher_cls.sum(dim=0), teacher_patch.mean(dim=1).sum(dim=0)])  # one all-reduce
+        """EMA of the batch means over all processes: logits (iBOT), probabilities (iBOT-vMF)."""
+        # one all-reduce for both centres
+        batch = torch.cat([teacher_cls.sum(dim=0), teacher_patch.mean(dim=1).sum(dim=0)])
         world = 1
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch)
             world = dist.get_world_size()
         batch = batch / (len(teacher_cls) * world)
-        K = self.center.shape[-1]
-        self.center = self.center * self.center_momentum + batch[:K].view_as(self.center) * (1 - self.center_momentum)
-        self.center2 = self.center2 * self.center_momentum2 + batch[K:].view_as(self.center2) * (1 - self.center_momentum2)
+        K, m, m2 = self.center.shape[-1], self.center_momentum, self.center_momentum2
+        self.center = self.center * m + batch[:K].view_as(self.center) * (1 - m)
+        self.center2 = self.center2 * m2 + batch[K:].view_as(self.center2) * (1 - m2)
         if self.vmf_dim:  # the floor of the class docstring
             tiny = torch.finfo(torch.float32).tiny
             self.center, self.center2 = self.center.clamp_min(tiny), self.center2.clamp_min(tiny)
 
 
-# ----------------------------------------------------------------------------------------------
-# 5. Training utilities: schedules, gradient clipping, checkpoints, distributed set-up
-# ----------------------------------------------------------------------------------------------
-def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):
-    """One value per iteration: linear warm-up, then half a cosine from base_value to final_value."""
+# ==============================================================================================
+# 4. The training step: schedules, optimizer groups, clipping, the EMA teacher
+# ==============================================================================================
+def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0,
+                     start_warmup_value=0):
+    """One value per iteration: linear warm-up, then half a cosine from base_value to final_value"""
     warmup = np.linspace(start_warmup_value, base_value, warmup_epochs * niter_per_ep)
     iters = np.arange(epochs * niter_per_ep - len(warmup))
-    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+    cosine = 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+    cosine = final_value + cosine
     return np.concatenate((warmup, cosine))
 
 
@@ -892,27 +580,637 @@ def get_params_groups(model, weight_decay_last_layer=None):
             continue
         if name.endswith(".bias") or param.ndim == 1:
             not_regularized.append(param)
+        elif weight_decay_last_layer is not None and "last_layer" in name:
+            prototypes.append(param)
         else:
-            (prototypes if weight_decay_last_layer is not None and "last_layer" in name else regularized).append(param)
+            regularized.append(param)
     groups = [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
-    return groups + ([{"params": prototypes, "weight_decay": weight_decay_last_layer}] if prototypes else [])
+    return groups + ([{"params": prototypes, "weight_decay": weight_decay_last_layer}]
+                     if prototypes else [])
 
 
 def clip_gradients(model, clip):
-    """Official DINO / iBOT clipping: each parameter tensor's gradient separately to norm <= clip."""
+    """Official DINO / iBOT clipping: each parameter's gradient on its own to norm <= clip."""
     for p in model.parameters():
         if p.grad is not None:
             p.grad.mul_((clip / (p.grad.norm() + 1e-6)).clamp(max=1.0))  # a tensor op: no host sync
 
 
 def cancel_gradients_last_layer(epoch, model, freeze_last_layer):
-    """Keep the prototypes fixed during the first epochs: the paper (Sec. 3.1) finds it stabilizes training."""
+    """Keep the prototypes fixed during the first epochs: DINO (Sec. 3.1) finds it stabilizes
+    training."""
     if epoch < freeze_last_layer:
         for name, p in model.named_parameters():
             if "last_layer" in name:
                 p.grad = None
 
 
+def ema_pairs(student, teacher):
+    """Each teacher parameter and the student parameter of the same name. The student's mask token
+    has no twin; a shared last layer is found under both its names (state dicts list both), so a
+    shared and a separate head pair up whichever side shares. A shared teacher layer follows the
+    student's last_layer, as in main_ibot.py. A separate teacher last_layer2 follows a shared
+    student layer: main_ibot.py pairs by named_parameters(), which lists a shared layer once, so
+    it never updates it and the teacher's patch prototypes stay at their start (our departure)."""
+    student_params = student.state_dict(keep_vars=True)
+    names = [n for n, _ in teacher.named_parameters()]
+    # detached views of the student's parameters: they see the optimizer's updates
+    return [student_params[n].detach() for n in names], [p for _, p in teacher.named_parameters()]
+
+
+@torch.no_grad()
+def init_teacher(student, teacher):
+    """The teacher starts as the student, as main_ibot.py's load_state_dict(strict=False): a shared
+    teacher layer is loaded under both its names and ends as the student's last_layer2 (registered
+    last); the student's mask token, which the teacher never uses, stays out."""
+    teacher.load_state_dict(student.state_dict(), strict=False)
+
+
+def vmf_norms(student, teacher):
+    """Prototype norms ||w_k|| (= |weight_g|) of both last layers, for the vMF normalizer."""
+    norm = lambda layer: layer.weight_g.squeeze(1).abs()
+    return dict(s1=norm(student.head.last_layer), s2=norm(student.head.last_layer2),
+                t1=norm(teacher.head.last_layer), t2=norm(teacher.head.last_layer2))
+
+
+def train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader, optimizer, schedules,
+                    epoch, scaler, amp_dtype, args, device, rank):
+    lr_schedule, wd_schedule, momentum_schedule, wd_last_schedule = schedules
+    student_params, teacher_params = ema_pairs(student_without_ddp, teacher)
+    prototype_layers = list(student_without_ddp.head.prototype_layers().values())
+    G = args.global_crops_number
+    # running sums of loss, cls term, patch term, KoLeo term, teacher entropy: no host sync per step
+    sums = torch.zeros(5, device=device)
+    usage = torch.zeros(args.out_dim, dtype=torch.long, device=device)
+    # A step whose loss is not finite changes nothing. A fused optimizer skips it on the device
+    # (found_inf, as GradScaler uses it) and the check is read every 20 steps, with no host sync;
+    # with another (the CPU's, where a read waits for nothing) the run stops before the update.
+    on_device = bool(optimizer.defaults.get("fused"))
+    first_bad = torch.zeros(2, device=device)  # step and value of the first bad loss
+    autocast = partial(torch.autocast, device.type, dtype=amp_dtype or torch.float32,
+                       enabled=amp_dtype is not None)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0, leave=False)
+    for i, (crops, _, masks) in enumerate(bar):
+        it = len(loader) * epoch + i  # global step: the schedules are per iteration
+        for j, group in enumerate(optimizer.param_groups):
+            group["lr"] = float(lr_schedule[it])  # Python floats: numpy scalars cannot load safely
+            if j == 0:  # the regularized group follows the schedule, the prototypes' their own
+                group["weight_decay"] = float(wd_schedule[it])
+            elif j == 2:
+                group["weight_decay"] = float(wd_last_schedule[it])
+        crops = [c.to(device, non_blocking=True) for c in crops]
+        masks_cpu, masks = masks, [m.to(device, non_blocking=True) for m in masks]  # G x (B, h, w)
+        with autocast():
+            teacher_output = teacher(crops[:G])  # whole global crops: ((G*B, K), (G*B, N, K2))
+            student_output = student(crops[:G], mask=masks if args.use_masked_im_modeling else None,
+                                     patch_mask=masks_cpu)
+            # local crops only feed the [CLS] term: no patch tokens through the head
+            student_local_cls = None if len(crops) == G else \
+                student(crops[G:], return_all_tokens=False)
+            norms = vmf_norms(student_without_ddp, teacher) if args.vmf else None
+            centers = ibot_loss.center, ibot_loss.center2
+            losses = ibot_loss(student_output, teacher_output, student_local_cls, masks, epoch,
+                               norms)
+            koleo = torch.zeros((), device=device)
+            if args.koleo > 0:  # each distinct set of prototypes is kept apart on its own
+                koleo = sum(koleo_proto.koleo_proto_loss(p.weight) for p in prototype_layers)
+            total = losses["loss"] + args.koleo * koleo
+        finite = all_finite(total)
+        # a bad step changes neither centre
+        ibot_loss.center = torch.where(finite, ibot_loss.center, centers[0])
+        ibot_loss.center2 = torch.where(finite, ibot_loss.center2, centers[1])
+        if not on_device and not finite:
+            raise diverged(total.item(), epoch, i + 1)
+        if on_device:
+            new = torch.stack([torch.where(finite, 0.0, i + 1.0), total.detach().float()])
+            first_bad = torch.where(first_bad[0] > 0, first_bad, new)  # no copy from the host
+
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:  # fp16: scale the loss so small gradients do not underflow
+            scaler.scale(total).backward()
+            scaler.unscale_(optimizer)
+        else:
+            total.backward()
+        if args.clip_grad:
+            clip_gradients(student_without_ddp, args.clip_grad)
+        cancel_gradients_last_layer(epoch, student_without_ddp, args.freeze_last_layer)
+        if scaler is not None:  # it skips a step whose gradients are not finite
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            if on_device:
+                optimizer.found_inf = (~finite).float()  # the fused kernel skips the update where 1
+            optimizer.step()
+
+        with torch.no_grad():  # teacher = exponential moving average of the student
+            # torch._foreach_mul_/_add_ apply mul_/add_ to every tensor of a list in one fused
+            # kernel per step (as torch.optim's foreach mode), not one kernel per parameter
+            m = momentum_schedule[it]
+            if on_device:  # a skipped step leaves the teacher as it is
+                m = torch.where(finite, m, 1.0)
+                torch._foreach_mul_(teacher_params, m)
+                torch._foreach_add_(teacher_params, torch._foreach_mul(student_params, 1 - m))
+            else:
+                torch._foreach_mul_(teacher_params, m)
+                torch._foreach_add_(teacher_params, student_params, alpha=1 - m)
+            q = ibot_loss.teacher_probs
+            entropy = -(q * torch.log(q + 1e-12)).sum(dim=-1).mean()
+            sums += torch.stack([losses["loss"].detach(), losses["cls"].detach(),
+                                 losses["patch"].detach(), koleo.detach(), entropy])
+            usage += koleo_proto.assignment_histogram(q)
+
+        if (i + 1) % 20 == 0 or i + 1 == len(loader):  # the only host sync: NaN check, the loss
+            loss_sum, bad, value = torch.cat([sums[:1], first_bad]).tolist()
+            if bad:
+                raise diverged(value, epoch, int(bad))
+            bar.set_postfix(loss=f"{loss_sum / (i + 1):.4f}")
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+        dist.all_reduce(usage)
+        sums /= dist.get_world_size()
+    loss_mean, cls_mean, patch_mean, koleo_mean, entropy_mean = (sums / len(loader)).tolist()
+    stats = dict(loss=loss_mean, loss_cls=cls_mean, loss_patch=patch_mean,
+                 lr=float(lr_schedule[it]), wd=float(wd_schedule[it]), teacher_entropy=entropy_mean)
+    if args.koleo > 0:
+        stats["koleo_train"] = koleo_mean
+    return stats, usage
+
+
+def all_finite(loss):
+    """A device tensor: is the loss finite on every process (no host sync)."""
+    finite = torch.isfinite(loss.detach()).float()
+    if dist.is_initialized():  # gradients are averaged: one process's NaN would reach all
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return finite.bool()
+
+
+def diverged(value, epoch, step):
+    return BadInput(f"the loss became {value} at epoch {epoch + 1}, step {step}: training diverged."
+                    " Try a lower --lr, a smaller --clip_grad, --precision bf16 or fp32 instead of "
+                    "fp16, or a longer --warmup_teacher_temp_epochs; the last checkpoint in "
+                    "--output_dir is intact")
+
+
+# ==============================================================================================
+# 5. The training loop
+# ==============================================================================================
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = init_distributed()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}.get(args.precision)
+    if args.precision == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        amp_dtype = torch.bfloat16 if bf16 else None
+    seed_everything(args.seed)
+    # data: the crops of each image, and a block mask per global crop
+    train_set, indices, masked_crops, sampler, loader_rng, loader = build_loader(args, world,
+                                                                                 device, say)
+    n_batches, total_batch = len(loader), args.batch_size_per_gpu * world
+
+    # models, loss, optimizer
+    student, teacher = build_models(args)
+    student, teacher = student.to(device), teacher.to(device)
+    compile_models(args, student, teacher, say)
+    student_without_ddp = student
+    if world > 1:
+        student = nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None)
+    init_teacher(student_without_ddp, teacher)
+    for p in teacher.parameters():
+        p.requires_grad = False  # no backpropagation through the teacher
+    say(describe_model(args, student_without_ddp))
+    ibot_loss = iBOTLoss(args.out_dim, args.patch_out_dim, args.global_crops_number,
+                         args.local_crops_number, args.warmup_teacher_temp, args.teacher_temp,
+                         args.warmup_teacher_patch_temp, args.teacher_patch_temp,
+                         args.warmup_teacher_temp_epochs, args.epochs, lambda1=args.lambda1,
+                         lambda2=args.lambda2, mim_start_epoch=args.pred_start_epoch,
+                         vmf_dim=args.bottleneck_dim if args.vmf else None).to(device)
+    params = get_params_groups(student_without_ddp, args.weight_decay_last_layer)
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(params, fused=fused) if args.optimizer == "adamw" else \
+        torch.optim.SGD(params, lr=0, momentum=0.9, fused=fused)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    # per iteration; the lr scaled linearly with the total batch (Goyal et al., 2017)
+    schedules = (
+        cosine_scheduler(args.lr * total_batch / 256, args.min_lr, args.epochs, n_batches,
+                         args.warmup_epochs),
+        cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, n_batches),
+        cosine_scheduler(args.momentum_teacher, 1, args.epochs, n_batches),
+        None if args.weight_decay_last_layer is None else  # the prototypes' own decay, if asked
+        cosine_scheduler(args.weight_decay, args.weight_decay_last_layer, args.epochs, n_batches))
+
+    # an explicit --resume, else the run already in output_dir (nothing is overwritten)
+    run_state = resume_run(args, rank, student_without_ddp, teacher, optimizer, ibot_loss, scaler,
+                           say)
+    if run_state["knn_top1_init"] is None and run_state["epoch"] == 0:  # the baseline of the run
+        run_state["knn_top1_init"] = knn_eval(args, teacher, indices, device, amp_dtype,
+                                              pixels=False)["knn_top1"]
+        say(f"kNN top-1 of the untrained teacher: {format_percent(run_state['knn_top1_init'])}")
+        teacher.train()  # as before the evaluation: the teacher trains in training mode
+
+    for epoch in range(run_state["epoch"], args.epochs):
+        # Reseeding from (seed, epoch, rank) makes a resumed run draw the same crops, masks and
+        # drop paths.
+        seed_everything(args.seed + 1000 * epoch + rank)
+        loader_rng.manual_seed(args.seed + 1000 * epoch + rank)
+        masked_crops.set_epoch(epoch)
+        if world > 1:
+            sampler.set_epoch(epoch)
+        else:
+            sampler.generator.manual_seed(args.seed + epoch)
+        t0 = time.time()
+        stats, usage = train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader,
+                                       optimizer, schedules, epoch, scaler, amp_dtype, args, device,
+                                       rank)
+        elapsed = time.time() - t0
+        run_state.update(epoch=epoch + 1, seconds=run_state["seconds"] + elapsed)
+        if rank == 0:
+            stats["images_per_s"] = n_batches * total_batch / elapsed
+            end_of_epoch(args, run_state, stats, usage, student_without_ddp, teacher, optimizer,
+                         ibot_loss, scaler, say)
+
+    # evaluation: kNN on teacher CLS features, raw-pixel kNN on the same split, collapse
+    summary = knn_eval(args, teacher, indices, device, amp_dtype)
+    if rank == 0:
+        write_summary(args, summary, run_state, indices, student_without_ddp, teacher, say)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ##############################################################################################
+#                          A FIRST READING CAN STOP HERE: THE METHOD ENDS.
+#   Below is plumbing: flags and presets, checks of the arguments, data sets and loaders,
+#   checkpoints and resuming, the distributed set-up, kNN evaluation, logging, errors.
+# ##############################################################################################
+
+# ---------------------------------------------------------------------------------- flags, presets
+# Every flag a preset may set: name -> (official default of main_ibot.py, meaning). The type on
+# the command line follows the default's (a 2-tuple: two floats; a list: one or more).
+FLAGS = dict(
+    arch=("vit_small", "backbone"),
+    patch_size=(16, "ViT patch size in pixels"),
+    out_dim=(8192, "number of [CLS] prototypes K (rows of the head's last layer)"),
+    patch_out_dim=(8192, "number of patch prototypes (= out_dim when either head is shared)"),
+    shared_head=(False, "one last layer for the student's [CLS] and patch tokens"),
+    shared_head_teacher=(True, "the same for the teacher (true: its patch targets come from its "
+                         "[CLS] prototypes)"),
+    norm_last_layer=(True, "keep prototypes at unit norm (weight_g frozen at 1); --vmf sets false"),
+    bottleneck_dim=(256, "dimension of the L2-normalized bottleneck the prototypes live in"),
+    momentum_teacher=(0.996, "base EMA momentum of the teacher, cosine to 1"),
+    warmup_teacher_temp=(0.04, "[CLS] teacher temperature at the start of its warm-up"),
+    teacher_temp=(0.04, "[CLS] teacher temperature after warm-up (sharpening)"),
+    warmup_teacher_patch_temp=(0.04, "patch teacher temperature at the start of its warm-up"),
+    teacher_patch_temp=(0.07, "patch teacher temperature after warm-up"),
+    warmup_teacher_temp_epochs=(30, "epochs of linear teacher-temperature warm-up (both)"),
+    lambda1=(1.0, "weight of the [CLS] (DINO) term"),
+    lambda2=(1.0, "weight of the masked-patch (MIM) term"),
+    pred_ratio=([0.3], "fraction of patches masked; several values: each image picks one"),
+    pred_ratio_var=([0.0], "the fraction is U(r - var, r + var), one var per --pred_ratio"),
+    pred_aspect_ratio=((0.3, 1 / 0.3), "range of mask-block aspect ratios (drawn log-uniformly)"),
+    pred_shape=("block", "mask shape: BEiT-style blocks or random patches"),
+    pred_start_epoch=(0, "epoch from which patches are masked"),
+    weight_decay=(0.04, "initial weight decay, cosine to --weight_decay_end"),
+    weight_decay_end=(0.4, "final weight decay"),
+    weight_decay_last_layer=(None, "final weight decay of the prototypes alone, their own cosine "
+                             "from --weight_decay (None: the schedule above, as official)"),
+    clip_grad=(3.0, "max gradient norm per parameter tensor (0 = off)"),
+    batch_size_per_gpu=(128, "images per process and step (each gives global + local crops)"),
+    epochs=(100, "training epochs"),
+    freeze_last_layer=(1, "epochs during which the prototypes get no update"),
+    lr=(0.0005, "peak learning rate at batch 256 (scaled linearly with the total batch)"),
+    warmup_epochs=(10, "epochs of linear learning-rate warm-up"),
+    min_lr=(1e-6, "learning rate at the end of the cosine schedule"),
+    optimizer=("adamw", "optimizer"),
+    drop_path=(0.1, "stochastic depth rate of the student (dino.py: --drop_path_rate)"),
+    global_crops_number=(2, "number of global crops (seen by the teacher, masked for the student)"),
+    global_crops_scale=((0.14, 1.0), "area range of the global crops"),
+    local_crops_number=(0, "number of local crops (0 = no multi-crop)"),
+    local_crops_scale=((0.05, 0.4), "area range of the local crops"),
+    global_crops_size=(224, "side of the global crops in pixels"),
+    local_crops_size=(96, "side of the local crops in pixels"),
+    saveckp_freq=(40, "also keep checkpointNNNN.pth every this many epochs"),
+    num_workers=(10, "data-loading processes per training process"))
+OFFICIAL = {name: default for name, (default, _) in FLAGS.items()}
+CHOICES = dict(arch=list(ARCHS), pred_shape=["block", "rand"], optimizer=["adamw", "sgd"])
+
+# What `python ibot.py` runs (--data fashion-mnist, the bundled sample), where it departs from the
+# official values above; it fits in minutes on 2 CPU cores. Small images need small crops: a
+# 28 px image upsampled to 224 px costs 64x the compute and adds no information, so the global
+# crops keep the native size, the local crops are half of it and the patches shrink with the
+# image (a 4 x 4 grid of 7 px patches). The head scores every patch token of the global crops, so
+# this run has 4 local crops (dino.py's has 6). The ViT-S/16 recipe's head and masks (below).
+BUNDLED = dict(
+    arch="vit_nano", patch_size=7, out_dim=1024, patch_out_dim=1024, shared_head=True,
+    norm_last_layer=False, momentum_teacher=0.99, warmup_teacher_temp_epochs=0,
+    pred_ratio=[0.0, 0.3], pred_ratio_var=[0.0, 0.2], batch_size_per_gpu=64, epochs=2, lr=0.004,
+    warmup_epochs=1, min_lr=1e-5, drop_path=0.0, global_crops_size=28, local_crops_size=14,
+    local_crops_number=4, global_crops_scale=(0.5, 1.0), local_crops_scale=(0.15, 0.5),
+    saveckp_freq=1, num_workers=2)
+# The README's ViT-S/16 recipe (800 epochs at batch 1024 in the paper; 100 here, as DINO's).
+VIT_S16 = dict(teacher_temp=0.07, norm_last_layer=False, shared_head=True, local_crops_number=10,
+               global_crops_scale=(0.25, 1.0), local_crops_scale=(0.05, 0.25),
+               pred_ratio=[0.0, 0.3], pred_ratio_var=[0.0, 0.2], batch_size_per_gpu=64)
+SMALL_IMAGES = dict(VIT_S16, patch_size=4, drop_path=0.0, warmup_epochs=2, min_lr=1e-5,
+                    saveckp_freq=5, warmup_teacher_temp_epochs=0)  # CIFAR, all of Fashion-MNIST
+PRESETS = {
+    "imagenet": VIT_S16,
+    "folder": VIT_S16,
+    "fashion-mnist": BUNDLED,
+    "fashion-mnist-full": dict(SMALL_IMAGES, arch="vit_tiny", out_dim=4096, patch_out_dim=4096,
+                               epochs=100, lr=0.001, global_crops_size=28, local_crops_size=12,
+                               global_crops_scale=(0.5, 1.0), local_crops_scale=(0.15, 0.5),
+                               num_workers=4),
+    "cifar10": dict(SMALL_IMAGES, out_dim=8192, epochs=200, lr=0.001, global_crops_size=32,
+                    local_crops_size=16, global_crops_scale=(0.3, 1.0),
+                    local_crops_scale=(0.1, 0.4), num_workers=8),
+}
+PRESETS["cifar100"] = PRESETS["cifar10"]
+
+
+def bool_flag(s):
+    if s.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        return s.lower() in ("true", "1", "yes", "on")
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints the whole usage first; one line is enough
+        sys.exit(f"{self.prog}: error: {message} (see python {self.prog} --help)")
+
+
+def get_args_parser():
+    # one line per flag, nothing wrapped; the description and the epilog keep their line breaks
+    formatter = partial(argparse.RawDescriptionHelpFormatter, max_help_position=38, width=1000)
+    presets = "\n".join(f"  {k}: {v}" for k, v in PRESETS.items() if v is not BUNDLED)
+    p = OneLineParser("ibot.py", usage="%(prog)s [flags]", formatter_class=formatter,
+                      epilog="other presets:\n" + presets,
+                      description="iBOT / iBOT-vMF with KoLeo-Proto. Defaults are those of the "
+                      "bundled-data run (--data fashion-mnist);\nanother --data (or --preset) "
+                      "takes its preset, listed at the end, and the official value elsewhere.")
+    metavars = {bool: "BOOL", int: "N", float: "X", str: "NAME", type(None): "X"}
+    for name, (official, meaning) in FLAGS.items():
+        ours = BUNDLED.get(name, official)
+        kind = type(official[0] if isinstance(official, (list, tuple)) else official)
+        note = f"{ours}" + ("" if ours == official else f"; official {official}")
+        p.add_argument(f"--{name}", *(["--drop_path_rate"] if name == "drop_path" else []),
+                       default=None, help=f"{meaning} [default: {note}]",
+                       type={bool: bool_flag, type(None): float}.get(kind, kind),
+                       nargs={list: "+", tuple: 2}.get(type(official)), choices=CHOICES.get(name),
+                       metavar=metavars[kind])
+
+    def add(name, help, **kw):
+        default = "" if kw.get("default") is None else f" [default: {kw['default']}]"
+        p.add_argument(name, help=help + default, **kw)
+    add("--use_masked_im_modeling", "replace masked patches by the mask token in the student "
+        "(false: the patch term sees the full crop)", type=bool_flag, default=True, metavar="BOOL")
+    add("--data", f"dataset: {', '.join(DATASETS)}", default="fashion-mnist",
+        choices=list(DATASETS), metavar="NAME")
+    add("--data_path", "dataset folder (imagenet/folder: with train/ and val/)", metavar="PATH")
+    add("--preset", f"preset to use (default: that of --data): {', '.join(PRESETS)}",
+        choices=list(PRESETS), metavar="NAME")
+    add("--long_tail", "subsample training classes to an exponential profile with imbalance "
+        "ratio RHO", type=float, metavar="RHO")
+    add("--koleo", "weight of KoLeo-Proto on the prototypes of each last layer (0 = off)",
+        type=float, default=0.0, metavar="LAMBDA")
+    add("--vmf", "iBOT-vMF: unnormalized prototypes, vMF normalizer, probability centring",
+        action="store_true")
+    add("--precision", "autocast dtype: auto (bf16 on a GPU that has it, else fp32), bf16, fp16, "
+        "fp32; replaces --use_fp16", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+        metavar="NAME")
+    add("--compile", "torch.compile student and teacher with BACKEND (alone: inductor; default "
+        "off): the first steps compile, later ones run faster", nargs="?", const="inductor",
+        metavar="BACKEND")
+    add("--output_dir", "where checkpoints and logs go (default runs/ibot-<data>)", metavar="PATH")
+    add("--resume", "checkpoint to continue from (default: output_dir/checkpoint.pth if any)",
+        metavar="PATH")
+    add("--subset", "use N training and N test images, a seeded sample keeping the class shares "
+        "(quick checks)", type=int, metavar="N")
+    add("--seed", "random seed", type=int, default=0, metavar="N")
+    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # old launchers
+    return p
+
+
+def parse_args(argv=None):
+    args = get_args_parser().parse_args(argv)
+    preset = PRESETS.get(args.preset or args.data, {})
+    unset = [name for name in OFFICIAL if getattr(args, name) is None]
+    for name in unset:
+        setattr(args, name, preset.get(name, OFFICIAL[name]))
+    room = dict(warmup_epochs=args.epochs,
+                warmup_teacher_temp_epochs=args.epochs - args.pred_start_epoch)
+    for name, most in room.items():  # a warm-up not asked for fits
+        if name in unset and getattr(args, name) > most >= 0:
+            if os.environ.get("RANK", "0") == "0":
+                print(f"--{name} {getattr(args, name)} of the preset shortened to {most} "
+                      f"to fit --epochs {args.epochs}")
+            setattr(args, name, most)
+    if args.vmf:
+        args.norm_last_layer = False  # vMF components need free norms: kappa_k = ||w_k|| / tau
+    if args.shared_head or args.shared_head_teacher:
+        args.patch_out_dim = args.out_dim  # one set of prototypes serves both tokens on one side
+    if len(args.pred_ratio_var) == 1:
+        args.pred_ratio_var = args.pred_ratio_var * len(args.pred_ratio)
+    args.output_dir = args.output_dir or os.path.join("runs", f"ibot-{args.preset or args.data}")
+    check_args(args)
+    return args
+
+
+def check_args(a):
+    pairs = list(zip(a.pred_ratio, a.pred_ratio_var))
+    temps = a.teacher_temp, a.warmup_teacher_temp, a.teacher_patch_temp, a.warmup_teacher_patch_temp
+    problems = [
+        (min(a.out_dim, a.patch_out_dim) < 2, "--out_dim and --patch_out_dim need 2 prototypes"),
+        (a.bottleneck_dim < 2, "--bottleneck_dim must be at least 2"),
+        (a.batch_size_per_gpu < 1, f"--batch_size_per_gpu {a.batch_size_per_gpu}: must be >= 1"),
+        (a.epochs < 1, "--epochs must be at least 1"),
+        (not 0 <= a.warmup_epochs <= a.epochs,
+         f"--warmup_epochs {a.warmup_epochs} must lie in [0, --epochs {a.epochs}]"),
+        (a.global_crops_number < 1, "--global_crops_number must be at least 1"),
+        (a.global_crops_number + a.local_crops_number < 2,
+         "iBOT needs at least 2 crops: raise --local_crops_number"),
+        (a.local_crops_number < 0, "--local_crops_number cannot be negative"),
+        (not 0 <= a.warmup_teacher_temp_epochs + a.pred_start_epoch <= a.epochs,
+         f"--warmup_teacher_temp_epochs {a.warmup_teacher_temp_epochs} (+ --pred_start_epoch "
+         f"{a.pred_start_epoch}) must lie in [0, --epochs {a.epochs}]"),
+        (min(temps) <= 0, "teacher temperatures must be positive"),
+        (len(a.pred_ratio_var) != len(a.pred_ratio),
+         f"--pred_ratio_var takes one value or one per --pred_ratio ({len(a.pred_ratio)})"),
+        (any(not 0 <= r - v <= r + v <= 1 for r, v in pairs),
+         "each --pred_ratio r with its --pred_ratio_var v needs 0 <= r - v and r + v <= 1"),
+        (not 0 < a.pred_aspect_ratio[0] <= a.pred_aspect_ratio[1],
+         "--pred_aspect_ratio needs 0 < low <= high"),
+        (not 0 <= a.drop_path < 1, "--drop_path must lie in [0, 1)"),
+        (a.long_tail is not None and a.long_tail < 1,
+         "--long_tail RHO must be >= 1 (RHO = largest / smallest class)"),
+        (a.koleo < 0, "--koleo must be >= 0"),
+        (a.subset is not None and a.subset < 1, "--subset must be at least 1"),
+    ] + [(size < a.patch_size or size % a.patch_size,
+          f"--{flag} {size} is not a multiple of --patch_size {a.patch_size}")
+         for flag, size in (("global_crops_size", a.global_crops_size),
+                            ("local_crops_size", a.local_crops_size))]
+    for bad, message in problems:
+        if bad:
+            raise BadInput(message)
+
+
+# --------------------------------------------------------------------------------- data sets
+# name: (mean, std) of the pixels, used to normalize them.
+DATASETS = {
+    "fashion-mnist": ((0.2860,) * 3, (0.3530,) * 3),
+    "fashion-mnist-full": ((0.2860,) * 3, (0.3530,) * 3),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+def read_idx(path):
+    """Read an IDX file (the MNIST format), gzipped or not, into a uint8 array."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """Grey images held in memory as a uint8 array (N, H, W)."""
+
+    def __init__(self, images, targets, transform):
+        self.images, self.targets, self.transform = images, [int(t) for t in targets], transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(Image.fromarray(self.images[i]).convert("RGB")), self.targets[i]
+
+
+def pil_loader(path):
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError) as e:
+        raise BadInput(f"cannot read image {path} ({e.__class__.__name__}): remove or replace "
+                       "it") from None
+
+
+def fashion_mnist(folder, train, transform):
+    split = "train" if train else "t10k"
+    files = [os.path.join(folder, f"{split}-{kind}-ubyte.gz")
+             for kind in ("images-idx3", "labels-idx1")]
+    files = [f if os.path.exists(f) else f[:-3] for f in files]  # gzipped or not
+    if not all(os.path.exists(f) for f in files):
+        raise BadInput(f"no Fashion-MNIST files ({split}-images-idx3-ubyte[.gz]) in {folder}: "
+                       "pass the folder that holds them with --data_path")
+    return ArrayDataset(read_idx(files[0]), read_idx(files[1]), transform)
+
+
+def image_folder(root, transform):
+    if not os.path.isdir(root):
+        raise BadInput(f"{root} is not a folder: --data_path needs train/ and val/ with one "
+                       "subfolder per class")
+    try:
+        return datasets.ImageFolder(root, transform, loader=pil_loader)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise BadInput(f"no images in {root} ({e}): expected one subfolder of images per "
+                       "class") from None
+
+
+def build_dataset(args, train, transform):
+    """The train or test split of --data, with .targets (one int label per image)."""
+    name, path = args.data, args.data_path
+    if name == "fashion-mnist":
+        return fashion_mnist(path or os.path.join(HERE, "data", "fashion-mnist-sample"), train,
+                             transform)
+    if name == "fashion-mnist-full":
+        debian = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
+        if path is None and os.path.isdir(debian):
+            return fashion_mnist(debian, train, transform)
+        ds = datasets.FashionMNIST(path or "data", train=train, download=True)
+        return ArrayDataset(ds.data.numpy(), ds.targets.tolist(), transform)
+    if name in ("cifar10", "cifar100"):
+        cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+        return cls(path or "data", train=train, transform=transform, download=True)
+    if path is None:
+        raise BadInput(f"--data {name} needs --data_path (a folder with train/ and val/, one "
+                       "subfolder per class)")
+    if name == "folder" and not os.path.isdir(os.path.join(path, "train")):
+        return image_folder(path, transform) if train else None  # a single tree: no kNN
+    return image_folder(os.path.join(path, "train" if train else "val"), transform)
+
+
+def long_tail_indices(targets, rho, seed):
+    """Exponential class profile of CIFAR-10-LT (Cao et al., 2019): the i-th class keeps
+    n_max * rho^(-i / (C - 1)) images, so the largest class has rho times the smallest."""
+    targets = np.asarray(targets)
+    classes, counts = np.unique(targets, return_counts=True)
+    rng = np.random.default_rng(seed)
+    keep = [rng.choice(np.flatnonzero(targets == c),
+                       max(1, int(counts.min() * rho ** (-i / max(1, len(classes) - 1)))),
+                       replace=False) for i, c in enumerate(classes)]
+    return np.sort(np.concatenate(keep))
+
+
+def balanced_subset(indices, targets, n, seed):
+    """n of the indices drawn at random (seeded), each class keeping its share of them (largest
+    remainder): the first n would be a few classes of a folder tree, which is sorted by class."""
+    indices = np.asarray(indices)
+    if n is None or n >= len(indices):
+        return indices
+    labels = np.asarray(targets)[indices]
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * n / len(indices)
+    take = np.floor(quota).astype(int)
+    take[np.argsort(take - quota, kind="stable")[:n - take.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    keep = [rng.choice(indices[labels == c], k, replace=False) for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(keep))
+
+
+def training_indices(args, targets):
+    """Which training images are used: --long_tail subsampling, then --subset."""
+    indices = np.arange(len(targets))
+    if args.long_tail:
+        indices = long_tail_indices(targets, args.long_tail, args.seed)
+    return balanced_subset(indices, targets, args.subset, args.seed)
+
+
+def build_loader(args, world, device, say):
+    """The training set, the indices used, the masked multi-crop set, its sampler, the generator
+    that seeds the workers (reset every epoch) and the loader."""
+    mean, std = DATASETS[args.data]
+    augment = DataAugmentationiBOT(args.global_crops_scale, args.local_crops_scale,
+                                   args.global_crops_number, args.local_crops_number,
+                                   args.global_crops_size, args.local_crops_size, mean, std)
+    train_set = build_dataset(args, True, augment)
+    indices = training_indices(args, train_set.targets)
+    if len(indices) // (args.batch_size_per_gpu * world) == 0:
+        raise BadInput(f"--batch_size_per_gpu {args.batch_size_per_gpu} x {world} processes "
+                       f"exceeds the {len(indices)} training images: lower it")
+    counts = np.bincount(np.asarray(train_set.targets)[indices])
+    say(f"data: {args.data}, {len(indices)} training images, {len(counts)} classes"
+        + (f" (--subset: drawn with --seed {args.seed}, class shares kept)" if args.subset else "")
+        + (f", long-tailed RHO={args.long_tail}: largest class {counts.max()}, smallest "
+           f"{counts.min()}" if args.long_tail else ""))
+    masked = MaskedCrops(torch.utils.data.Subset(train_set, indices), args.patch_size,
+                         args.global_crops_number, args.pred_ratio, args.pred_ratio_var,
+                         args.pred_aspect_ratio, args.pred_shape, args.pred_start_epoch)
+    if world > 1:
+        sampler = torch.utils.data.distributed.DistributedSampler(masked, shuffle=True,
+                                                                  seed=args.seed, drop_last=True)
+    else:
+        sampler = torch.utils.data.RandomSampler(masked, generator=torch.Generator())
+    rng = torch.Generator()
+    loader = torch.utils.data.DataLoader(
+        masked, sampler=sampler, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
+        drop_last=True, pin_memory=device.type == "cuda", generator=rng)
+    return train_set, indices, masked, sampler, rng, loader
+
+
+# ------------------------------------------------------------------------- checkpoints, resume
 def save_checkpoint(state, path):
     """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
     tmp = path + ".tmp"
@@ -953,17 +1251,17 @@ def safe_load(path):
     because the official checkpoints store their arguments as one."""
     if not os.path.isfile(path):
         raise BadInput(f"no checkpoint at {path}")
-    with warnings.catch_warnings(record=True) as caught:  # held back: a failed load ends in one line
+    allow = torch.serialization.safe_globals([argparse.Namespace]) \
+        if hasattr(torch.serialization, "safe_globals") else contextlib.nullcontext()  # torch 2.4
+    with warnings.catch_warnings(record=True) as caught:  # held back: a failed load is one line
         warnings.simplefilter("always")
         try:
-            if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.4
-                with torch.serialization.safe_globals([argparse.Namespace]):
-                    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            else:
+            with allow:
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise BadInput(f"{path} is not a checkpoint torch can load safely ({e.__class__.__name__}): "
-                           "pass a .pth written by ibot.py or the official iBOT") from None
+            raise BadInput(f"{path} is not a checkpoint torch can load safely "
+                           f"({e.__class__.__name__}): pass a .pth written by ibot.py or the "
+                           "official iBOT") from None
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return ckpt
@@ -990,8 +1288,9 @@ def restore(ckpt, path, args, student, teacher, optimizer, ibot_loss, scaler):
                 "shared_head", "shared_head_teacher", "bottleneck_dim", "vmf", "norm_last_layer",
                 "use_masked_im_modeling", "optimizer", "weight_decay_last_layer"):
         if key in saved and saved[key] != getattr(args, key):
-            raise BadInput(f"{path} was trained with --{key} {saved[key]}, this run has {getattr(args, key)}: "
-                           f"pass the same --{key} or use another --output_dir")
+            raise BadInput(f"{path} was trained with --{key} {saved[key]}, this run has "
+                           f"{getattr(args, key)}: pass the same --{key} or use another "
+                           "--output_dir")
     try:
         student.load_state_dict(strip_prefix(ckpt["student"]))
         teacher.load_state_dict(strip_prefix(ckpt["teacher"]))
@@ -999,7 +1298,8 @@ def restore(ckpt, path, args, student, teacher, optimizer, ibot_loss, scaler):
             optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0]
-        raise BadInput(f"{path} does not fit this model ({first[:200]}): check --arch/--patch_size/--out_dim") from None
+        raise BadInput(f"{path} does not fit this model ({first[:200]}): check "
+                       "--arch/--patch_size/--out_dim") from None
     if "ibot_loss" in ckpt:
         ibot_loss.load_state_dict(ckpt["ibot_loss"])
     if scaler is not None and "fp16_scaler" in ckpt:
@@ -1007,6 +1307,34 @@ def restore(ckpt, path, args, student, teacher, optimizer, ibot_loss, scaler):
     return int(ckpt.get("epoch", 0)), float(ckpt.get("seconds", 0.0))
 
 
+def resume_run(args, rank, student, teacher, optimizer, ibot_loss, scaler, say):
+    """{epoch, seconds, knn_top1_init} of the run to continue (zeros and None for a new run); on
+    rank 0, checks that output_dir can take a checkpoint and carries a continued run's log there."""
+    run_state = dict(epoch=0, seconds=0.0, knn_top1_init=None)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+    resume = args.resume or (ckpt_path if os.path.isfile(ckpt_path) else None)
+    if resume:
+        ckpt = load_checkpoint(resume)
+        run_state["epoch"], run_state["seconds"] = restore(ckpt, resume, args, student, teacher,
+                                                           optimizer, ibot_loss, scaler)
+        run_state["knn_top1_init"] = ckpt.get("knn_top1_init")  # None in official checkpoints
+        say(f"resumed from {resume} at epoch {run_state['epoch']}")
+    log_path = os.path.join(args.output_dir, "log.txt")
+    if rank == 0:  # room for student, teacher and AdamW's two moments: four copies of the weights
+        check_output_dir(args.output_dir, 4 * sum(p.numel() * p.element_size()
+                                                  for p in student.parameters()))
+        old_log = os.path.join(os.path.dirname(resume or ""), "log.txt")
+        if resume and not os.path.exists(log_path) and os.path.isfile(old_log):
+            # a run continued in a new output_dir keeps its checkpoint's history (log and plot)
+            with open(old_log) as f:
+                history = [line for line in f
+                           if line.strip() and json.loads(line)["epoch"] <= run_state["epoch"]]
+            with open(log_path, "w") as f:
+                f.writelines(history)
+    return run_state
+
+
+# ------------------------------------------------------------------- distributed set-up, models
 def init_distributed():
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
@@ -1020,20 +1348,51 @@ def init_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def seed_everything(seed):
-    random.seed(seed)  # the masks, when drawn in the main process (--num_workers 0)
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
+def seed_everything(seed):  # Python's random draws the masks in the main process (no workers)
+    random.seed(seed), torch.manual_seed(seed), np.random.seed(seed % 2**32)
 
 
-# ----------------------------------------------------------------------------------------------
-# 6. Evaluation: weighted kNN on L2-normalized teacher features (Wu et al., 2018; DINO's protocol)
-# ----------------------------------------------------------------------------------------------
+def compile_models(args, student, teacher, say):
+    """--compile: in place, so that state dicts keep their keys (no _orig_mod. prefix)."""
+    if args.compile and not torch._dynamo.is_dynamo_supported():
+        say(f"--compile: no torch.compile with torch {torch.__version__} on Python "
+            f"{sys.version.split()[0]}: training uncompiled")
+    elif args.compile:
+        try:
+            student.compile(backend=args.compile), teacher.compile(backend=args.compile)
+        except Exception as e:  # an unknown backend fails here, before any compiling
+            raise BadInput(f"--compile {args.compile}: {str(e).splitlines()[0]}") from None
+
+
+def describe_model(args, student):
+    heads = [f"{side} " + ("shared head" if shared else
+                           f"separate patch head ({args.patch_out_dim} prototypes)")
+             for side, shared in (("student", args.shared_head),
+                                  ("teacher", args.shared_head_teacher))]
+    koleo = "the shared last layer" if args.shared_head else \
+        "last_layer and last_layer2 (each its own term)"
+    return (f"model: {args.arch}, {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M "
+            f"parameters, {args.out_dim} prototypes, {', '.join(heads)}"
+            + (", iBOT-vMF" if args.vmf else "")
+            + (f", KoLeo-Proto lambda={args.koleo} on {koleo}" if args.koleo else ""))
+
+
+# ----------------------------------------- kNN evaluation on L2-normalized teacher features
+def eval_transform(args, mean, std):
+    """Deterministic view for kNN: the official Resize(256) + CenterCrop(224), scaled to the crop
+    size."""
+    size = args.global_crops_size
+    return transforms.Compose([
+        transforms.Resize(size * 256 // 224, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size), transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
 @torch.no_grad()
 def knn_predict(train_features, train_labels, test_features, k=20, T=0.07, num_classes=None):
-    """(N, min(5, C)) most voted classes of each test sample, best first. Each test sample takes its
-    k most cosine-similar training samples; each votes for its class with weight exp(similarity / T).
-    Features must be L2-normalized. Chunked over test samples: the similarities stay under ~256 MB."""
+    """(N, min(5, C)) most voted classes of each test sample, best first (Wu et al., 2018; DINO's
+    protocol). Each test sample takes its k most cosine-similar training samples; each votes for
+    its class with weight exp(similarity / T). Features must be L2-normalized. Chunked over test
+    samples: the similarities stay under ~256 MB."""
     num_classes = num_classes or int(train_labels.max()) + 1
     k = min(k, len(train_labels))
     chunk = max(1, 2**26 // len(train_labels))
@@ -1047,25 +1406,28 @@ def knn_predict(train_features, train_labels, test_features, k=20, T=0.07, num_c
 
 
 @torch.no_grad()
-def knn_classifier(train_features, train_labels, test_features, test_labels, k=20, T=0.07, num_classes=None):
+def knn_classifier(train_features, train_labels, test_features, test_labels, k=20, T=0.07,
+                   num_classes=None):
     """Top-1 and top-5 accuracy (percent) of knn_predict, for any number of test samples."""
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
-    hits = knn_predict(train_features, train_labels, test_features, k, T, num_classes) == test_labels[:, None]
+    hits = knn_predict(train_features, train_labels, test_features, k, T, num_classes) \
+        == test_labels[:, None]
     n = len(test_labels)
     return 100.0 * hits[:, 0].sum().item() / n, 100.0 * hits.any(dim=1).sum().item() / n
 
 
 @torch.no_grad()
 def extract_features(model, dataset, args, device, amp_dtype, with_pixels=True):
-    """Features model(x) (B, D) of a dataset, in fp32, and its L2-normalized raw pixels (pooled to at
-    most 32 x 32). With several processes each takes every world-th image, then all gather."""
+    """Features model(x) (B, D) of a dataset, in fp32, and its L2-normalized raw pixels (pooled to
+    at most 32 x 32). With several processes each takes every world-th image, then all gather."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     loader = torch.utils.data.DataLoader(shard, batch_size=256, num_workers=args.num_workers)
     feats, pixels = [], []
     for x, _ in tqdm(loader, desc="features", disable=rank != 0, leave=False):
         x = x.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                            enabled=amp_dtype is not None):
             feats.append(model(x).float())
         if with_pixels:
             pooled = F.adaptive_avg_pool2d(x, (min(32, x.shape[-2]), min(32, x.shape[-1])))
@@ -1081,147 +1443,36 @@ def extract_features(model, dataset, args, device, amp_dtype, with_pixels=True):
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# 7. Training loop and main
-# ----------------------------------------------------------------------------------------------
-def ema_pairs(student, teacher):
-    """Each teacher parameter and the student parameter of the same name. The student's mask token
-    has no twin; a shared last layer is found under both its names (state dicts list both), so a
-    shared and a separate head pair up whichever side shares. A shared teacher layer follows the
-    student's last_layer, as in main_ibot.py. A separate teacher last_layer2 follows a shared
-    student layer: main_ibot.py pairs by named_parameters(), which lists a shared layer once, so
-    it never updates it and the teacher's patch prototypes stay at their start (our departure)."""
-    student_params = student.state_dict(keep_vars=True)
-    names = [n for n, _ in teacher.named_parameters()]
-    # detached views of the student's parameters: they see the optimizer's updates
-    return [student_params[n].detach() for n in names], [p for _, p in teacher.named_parameters()]
+def knn_eval(args, teacher, indices, device, amp_dtype, pixels=True):
+    """{knn_top1, knn_top5, raw_pixel_knn_top1} of the teacher's [CLS] features (k = 20,
+    T = 0.07), the training images of the run against the test split (--subset of it); the raw
+    pixels' on the same split with pixels. None for all without a test split."""
+    mean, std = DATASETS[args.data]
+    transform = eval_transform(args, mean, std)
+    train_eval, test_eval = (build_dataset(args, train, transform) for train in (True, False))
+    say = print if not dist.is_initialized() or dist.get_rank() == 0 else (lambda *a: None)
+    if test_eval is None:
+        say("kNN: skipped (no val/ split under --data_path)")
+        return dict(knn_top1=None, knn_top5=None, raw_pixel_knn_top1=None)
+    teacher.eval()
+    backbone = partial(teacher.backbone, return_all_tokens=False)  # the CLS token
+    test_indices = balanced_subset(range(len(test_eval)), test_eval.targets, args.subset, args.seed)
+    pixels = pixels and len(indices) <= 200_000  # raw pixels of ImageNet would not fit in memory
+    train_feats, *train_pixels = extract_features(
+        backbone, torch.utils.data.Subset(train_eval, indices), args, device, amp_dtype, pixels)
+    test_feats, *test_pixels = extract_features(
+        backbone, torch.utils.data.Subset(test_eval, test_indices), args, device, amp_dtype, pixels)
+    train_labels = torch.as_tensor(np.asarray(train_eval.targets)[indices], device=device)
+    test_labels = torch.as_tensor(np.asarray(test_eval.targets)[test_indices], device=device)
+    knn = partial(knn_classifier, k=20, T=0.07,
+                  num_classes=int(max(train_labels.max(), test_labels.max())) + 1)
+    top1, top5 = knn(F.normalize(train_feats, dim=1), train_labels, F.normalize(test_feats, dim=1),
+                     test_labels)
+    raw1 = knn(*train_pixels, train_labels, *test_pixels, test_labels)[0] if pixels else None
+    return dict(knn_top1=top1, knn_top5=top5, raw_pixel_knn_top1=raw1)
 
 
-@torch.no_grad()
-def init_teacher(student, teacher):
-    """The teacher starts as the student, as main_ibot.py's load_state_dict(strict=False): a shared
-    teacher layer is loaded under both its names and ends as the student's last_layer2 (registered
-    last); the student's mask token, which the teacher never uses, stays out."""
-    teacher.load_state_dict(student.state_dict(), strict=False)
-
-
-def vmf_norms(student, teacher):
-    """Prototype norms ||w_k|| (= |weight_g|) of both last layers, for the vMF normalizer."""
-    norm = lambda layer: layer.weight_g.squeeze(1).abs()
-    return dict(s1=norm(student.head.last_layer), s2=norm(student.head.last_layer2),
-                t1=norm(teacher.head.last_layer), t2=norm(teacher.head.last_layer2))
-
-
-def train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader, optimizer, schedules, epoch,
-                    scaler, amp_dtype, args, device, rank):
-    lr_schedule, wd_schedule, momentum_schedule, wd_last_schedule = schedules
-    student_params, teacher_params = ema_pairs(student_without_ddp, teacher)
-    prototype_layers = list(student_without_ddp.head.prototype_layers().values())
-    G = args.global_crops_number
-    # running sums of loss, cls term, patch term, KoLeo term, teacher entropy: no host sync per step
-    sums = torch.zeros(5, device=device)
-    usage = torch.zeros(args.out_dim, dtype=torch.long, device=device)
-    # A step whose loss is not finite changes nothing. A fused optimizer skips it on the device
-    # (found_inf, as GradScaler uses it) and the check is read every 20 steps, with no host sync;
-    # with another (the CPU's, where a read waits for nothing) the run stops before the update.
-    on_device = bool(optimizer.defaults.get("fused"))
-    first_bad = torch.zeros(2, device=device)  # step and value of the first bad loss
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0, leave=False)
-    for i, (crops, _, masks) in enumerate(bar):
-        it = len(loader) * epoch + i  # global step: the schedules are per iteration
-        for j, group in enumerate(optimizer.param_groups):
-            group["lr"] = float(lr_schedule[it])  # Python floats: numpy scalars cannot be loaded safely
-            if j == 0:  # the regularized group follows the schedule, the prototypes' own group its own
-                group["weight_decay"] = float(wd_schedule[it])
-            elif j == 2:
-                group["weight_decay"] = float(wd_last_schedule[it])
-        crops = [c.to(device, non_blocking=True) for c in crops]
-        masks_cpu, masks = masks, [m.to(device, non_blocking=True) for m in masks]  # G x (B, h, w)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            teacher_output = teacher(crops[:G])  # whole global crops: ((G*B, K), (G*B, N, K2))
-            student_output = student(crops[:G], mask=masks if args.use_masked_im_modeling else None, patch_mask=masks_cpu)
-            # local crops only feed the [CLS] term: no patch tokens through the head
-            student_local_cls = student(crops[G:], return_all_tokens=False) if len(crops) > G else None
-            norms = vmf_norms(student_without_ddp, teacher) if args.vmf else None
-            centers = ibot_loss.center, ibot_loss.center2
-            losses = ibot_loss(student_output, teacher_output, student_local_cls, masks, epoch, norms)
-            koleo = torch.zeros((), device=device)
-            if args.koleo > 0:  # each distinct set of prototypes is kept apart on its own
-                koleo = sum(koleo_proto.koleo_proto_loss(layer.weight) for layer in prototype_layers)
-            total = losses["loss"] + args.koleo * koleo
-        finite = all_finite(total)
-        ibot_loss.center = torch.where(finite, ibot_loss.center, centers[0])  # a bad step changes
-        ibot_loss.center2 = torch.where(finite, ibot_loss.center2, centers[1])  # neither centre
-        if not on_device and not finite:
-            raise diverged(total.item(), epoch, i + 1)
-        if on_device:
-            new = torch.stack([torch.where(finite, 0.0, i + 1.0), total.detach().float()])
-            first_bad = torch.where(first_bad[0] > 0, first_bad, new)  # no copy from the host
-
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:  # fp16: scale the loss so small gradients do not underflow
-            scaler.scale(total).backward()
-            scaler.unscale_(optimizer)
-        else:
-            total.backward()
-        if args.clip_grad:
-            clip_gradients(student_without_ddp, args.clip_grad)
-        cancel_gradients_last_layer(epoch, student_without_ddp, args.freeze_last_layer)
-        if scaler is not None:  # it skips a step whose gradients are not finite
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            if on_device:
-                optimizer.found_inf = (~finite).float()  # the fused kernel skips the update where 1
-            optimizer.step()
-
-        with torch.no_grad():  # teacher = exponential moving average of the student
-            m = momentum_schedule[it]
-            if on_device:  # a skipped step leaves the teacher as it is
-                m = torch.where(finite, m, 1.0)
-                torch._foreach_mul_(teacher_params, m)
-                torch._foreach_add_(teacher_params, torch._foreach_mul(student_params, 1 - m))
-            else:
-                torch._foreach_mul_(teacher_params, m)  # one fused kernel per step, not per tensor
-                torch._foreach_add_(teacher_params, student_params, alpha=1 - m)
-            q = ibot_loss.teacher_probs
-            entropy = -(q * torch.log(q + 1e-12)).sum(dim=-1).mean()
-            sums += torch.stack([losses["loss"].detach(), losses["cls"].detach(), losses["patch"].detach(),
-                                 koleo.detach(), entropy])
-            usage += koleo_proto.assignment_histogram(q)
-
-        if (i + 1) % 20 == 0 or i + 1 == len(loader):  # the only host sync: check for NaN, show the loss
-            loss_sum, bad, value = torch.cat([sums[:1], first_bad]).tolist()
-            if bad:
-                raise diverged(value, epoch, int(bad))
-            bar.set_postfix(loss=f"{loss_sum / (i + 1):.4f}")
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-        dist.all_reduce(usage)
-        sums /= dist.get_world_size()
-    loss_mean, cls_mean, patch_mean, koleo_mean, entropy_mean = (sums / len(loader)).tolist()
-    stats = dict(loss=loss_mean, loss_cls=cls_mean, loss_patch=patch_mean, lr=float(lr_schedule[it]),
-                 wd=float(wd_schedule[it]), teacher_entropy=entropy_mean)
-    if args.koleo > 0:
-        stats["koleo_train"] = koleo_mean
-    return stats, usage
-
-
-def all_finite(loss):
-    """A device tensor: is the loss finite on every process (no host sync)."""
-    finite = torch.isfinite(loss.detach()).float()
-    if dist.is_initialized():  # gradients are averaged: one process's NaN would reach all
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return finite.bool()
-
-
-def diverged(value, epoch, step):
-    return BadInput(f"the loss became {value} at epoch {epoch + 1}, step {step}: training diverged."
-                    " Try a lower --lr, a smaller --clip_grad, --precision bf16 or fp32 instead of "
-                    "fp16, or a longer --warmup_teacher_temp_epochs; the last checkpoint in "
-                    "--output_dir is intact")
-
-
+# ----------------------------------------------------------------------------- logging, errors
 def prototype_stats(teacher, student, usage=None):
     """Collapse figures of the teacher's prototypes (the paper's Sec. 4), per distinct last layer,
     and the use of the [CLS] prototypes on the data. Keys of last_layer2 end in _patch. The
@@ -1229,205 +1480,92 @@ def prototype_stats(teacher, student, usage=None):
     student, so the student's prototypes show a collapse first."""
     stats = koleo_proto.collapse_stats(student.head.last_layer.weight.detach(), "_student")
     for name, layer in teacher.head.prototype_layers().items():
-        stats.update(koleo_proto.collapse_stats(layer.weight.detach(), "_patch" if name == "last_layer2" else ""))
+        stats.update(koleo_proto.collapse_stats(layer.weight.detach(),
+                                                "_patch" if name == "last_layer2" else ""))
     if usage is not None:
         stats.update({f"usage_{k}": v for k, v in koleo_proto.usage_stats(usage).items()})
     return stats
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = init_distributed()
-    say = print if rank == 0 else (lambda *a, **k: None)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}.get(args.precision)
-    if args.precision == "auto":
-        amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    seed_everything(args.seed)
-
-    # ---- data: crops, and a block mask per global crop
-    mean, std = DATASETS[args.data]
-    augment = DataAugmentationiBOT(args.global_crops_scale, args.local_crops_scale, args.global_crops_number,
-                                   args.local_crops_number, args.global_crops_size, args.local_crops_size, mean, std)
-    train_set = build_dataset(args, True, augment)
-    indices = training_indices(args, train_set.targets)
-    n_batches = len(indices) // (args.batch_size_per_gpu * world)
-    if n_batches == 0:
-        raise BadInput(f"--batch_size_per_gpu {args.batch_size_per_gpu} x {world} processes exceeds the "
-                       f"{len(indices)} training images: lower it")
-    counts = np.bincount(np.asarray(train_set.targets)[indices])
-    say(f"data: {args.data}, {len(indices)} training images, {len(counts)} classes"
-        + (f" (--subset: drawn with --seed {args.seed}, class shares kept)" if args.subset else "")
-        + (f", long-tailed RHO={args.long_tail}: largest class {counts.max()}, smallest {counts.min()}" if args.long_tail else ""))
-    train_subset = MaskedCrops(torch.utils.data.Subset(train_set, indices), args.patch_size, args.global_crops_number,
-                               args.pred_ratio, args.pred_ratio_var, args.pred_aspect_ratio, args.pred_shape,
-                               args.pred_start_epoch)
-    if world > 1:
-        sampler = torch.utils.data.distributed.DistributedSampler(train_subset, shuffle=True, seed=args.seed, drop_last=True)
-    else:
-        sampler = torch.utils.data.RandomSampler(train_subset, generator=torch.Generator())
-    loader_rng = torch.Generator()  # seeds the workers' augmentations and masks; reset every epoch
-    loader = torch.utils.data.DataLoader(train_subset, sampler=sampler, batch_size=args.batch_size_per_gpu,
-                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                         drop_last=True, generator=loader_rng)
-
-    # ---- models, loss, optimizer
-    student, teacher = build_models(args)
-    student, teacher = student.to(device), teacher.to(device)
-    if args.compile and not torch._dynamo.is_dynamo_supported():
-        say(f"--compile: no torch.compile with torch {torch.__version__} on Python "
-            f"{sys.version.split()[0]}: training uncompiled")
-    elif args.compile:  # in place, so that state dicts keep their keys (no _orig_mod. prefix)
-        try:
-            student.compile(backend=args.compile), teacher.compile(backend=args.compile)
-        except Exception as e:  # an unknown backend fails here, before any compiling
-            raise BadInput(f"--compile {args.compile}: {str(e).splitlines()[0]}") from None
-    student_without_ddp = student
-    if world > 1:
-        student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    init_teacher(student_without_ddp, teacher)
-    for p in teacher.parameters():
-        p.requires_grad = False  # no backpropagation through the teacher
-    sharing = lambda shared: "shared head" if shared else f"separate patch head ({args.patch_out_dim} prototypes)"
-    heads = f"student {sharing(args.shared_head)}, teacher {sharing(args.shared_head_teacher)}"
-    say(f"model: {args.arch}, {sum(p.numel() for p in student_without_ddp.parameters()) / 1e6:.1f}M parameters, "
-        f"{args.out_dim} prototypes, {heads}" + (", iBOT-vMF" if args.vmf else "")
-        + (f", KoLeo-Proto lambda={args.koleo} on " + ("the shared last layer" if args.shared_head else
-                                                        "last_layer and last_layer2 (each its own term)")
-           if args.koleo else ""))
-    ibot_loss = iBOTLoss(args.out_dim, args.patch_out_dim, args.global_crops_number, args.local_crops_number,
-                         args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_patch_temp,
-                         args.teacher_patch_temp, args.warmup_teacher_temp_epochs, args.epochs,
-                         lambda1=args.lambda1, lambda2=args.lambda2, mim_start_epoch=args.pred_start_epoch,
-                         vmf_dim=args.bottleneck_dim if args.vmf else None).to(device)
-    params = get_params_groups(student_without_ddp, args.weight_decay_last_layer)
-    if args.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(params, fused=device.type == "cuda")
-    else:
-        optimizer = torch.optim.SGD(params, lr=0, momentum=0.9, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-
-    # ---- schedules: per iteration, the lr scaled linearly with the total batch (Goyal et al., 2017)
-    total_batch = args.batch_size_per_gpu * world
-    schedules = (cosine_scheduler(args.lr * total_batch / 256, args.min_lr, args.epochs, n_batches, args.warmup_epochs),
-                 cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, n_batches),
-                 cosine_scheduler(args.momentum_teacher, 1, args.epochs, n_batches),
-                 None if args.weight_decay_last_layer is None else  # the prototypes' own decay, if asked for
-                 cosine_scheduler(args.weight_decay, args.weight_decay_last_layer, args.epochs, n_batches))
-
-    # ---- resume: an explicit --resume, else the run already in output_dir (nothing is overwritten)
-    start_epoch, seconds = 0, 0.0
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    resume = args.resume or (ckpt_path if os.path.isfile(ckpt_path) else None)
-    if resume:
-        start_epoch, seconds = restore(load_checkpoint(resume), resume, args, student_without_ddp, teacher,
-                                       optimizer, ibot_loss, scaler)
-        say(f"resumed from {resume} at epoch {start_epoch}")
+def end_of_epoch(args, run_state, stats, usage, student, teacher, optimizer, ibot_loss, scaler,
+                 say):
+    """Rank 0: the checkpoint (official layout, plus seconds and knn_top1_init), log.txt, the plot
+    of the unique prototypes, and one line."""
+    epoch = run_state["epoch"]
+    stats = dict(epoch=epoch, **stats, **prototype_stats(teacher, student, usage),
+                 seconds=run_state["seconds"])
+    state = {"student": {"module." + k: v for k, v in student.state_dict().items()},
+             "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+             "args": args, "ibot_loss": ibot_loss.state_dict(), "seconds": run_state["seconds"],
+             "knn_top1_init": run_state["knn_top1_init"]}
+    if scaler is not None:
+        state["fp16_scaler"] = scaler.state_dict()
+    save_checkpoint(state, os.path.join(args.output_dir, "checkpoint.pth"))
+    if args.saveckp_freq and epoch % args.saveckp_freq == 0:
+        save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
     log_path = os.path.join(args.output_dir, "log.txt")
-    if rank == 0:  # room for student, teacher and AdamW's two moments: four copies of the weights
-        weights = sum(p.numel() * p.element_size() for p in student_without_ddp.parameters())
-        check_output_dir(args.output_dir, 4 * weights)
-        old_log = os.path.join(os.path.dirname(resume or ""), "log.txt")
-        if resume and not os.path.exists(log_path) and os.path.isfile(old_log):
-            # a run continued in a new output_dir keeps its checkpoint's history, in the log and the plot
-            with open(old_log) as f:
-                history = [line for line in f if line.strip() and json.loads(line)["epoch"] <= start_epoch]
-            with open(log_path, "w") as f:
-                f.writelines(history)
-
-    # ---- training
-    for epoch in range(start_epoch, args.epochs):
-        # Reseeding from (seed, epoch, rank) makes a resumed run draw the same crops, masks and drop paths.
-        seed_everything(args.seed + 1000 * epoch + rank)
-        loader_rng.manual_seed(args.seed + 1000 * epoch + rank)
-        train_subset.set_epoch(epoch)
-        if world > 1:
-            sampler.set_epoch(epoch)
-        else:
-            sampler.generator.manual_seed(args.seed + epoch)
-        t0 = time.time()
-        stats, usage = train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader, optimizer,
-                                       schedules, epoch, scaler, amp_dtype, args, device, rank)
-        elapsed = time.time() - t0
-        seconds += elapsed
-        if rank == 0:
-            stats = dict(epoch=epoch + 1, **stats, **prototype_stats(teacher, student_without_ddp, usage),
-                         images_per_s=n_batches * total_batch / elapsed, seconds=seconds)
-            state = {"student": {"module." + k: v for k, v in student_without_ddp.state_dict().items()},
-                     "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                     "args": args, "ibot_loss": ibot_loss.state_dict(), "seconds": seconds}
-            if scaler is not None:
-                state["fp16_scaler"] = scaler.state_dict()
-            save_checkpoint(state, ckpt_path)
-            if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
-                save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint{epoch + 1:04}.pth"))
-            with open(log_path, "a") as f:
-                f.write(json.dumps(stats) + "\n")
-            with open(log_path) as f:  # the whole run, resumed parts included
-                koleo_proto.plot_training([json.loads(line) for line in f], args.out_dim,
-                                          os.path.join(args.output_dir, "unique_prototypes.png"),
-                                          f"ibot.py --data {args.data}" + (f" --koleo {args.koleo}" if args.koleo else ""))
-            patch = f" (patch {stats['unique_prototypes_patch']}/{args.patch_out_dim})" if "unique_prototypes_patch" in stats else ""
-            say(f"epoch {epoch + 1}/{args.epochs}  loss {stats['loss']:.4f} (cls {stats['loss_cls']:.4f}, patch "
-                f"{stats['loss_patch']:.4f})  unique prototypes {stats['unique_prototypes']}/{args.out_dim}{patch} "
-                f"(student {stats['unique_prototypes_student']})  "
-                f"used {stats['usage_used']}  teacher entropy {stats['teacher_entropy']:.2f}  "
-                f"{stats['images_per_s']:.0f} img/s")
-
-    # ---- evaluation: kNN on teacher CLS features, raw-pixel kNN on the same split, collapse
-    summary = evaluate(args, teacher, train_set, indices, device, amp_dtype, mean, std, say)
-    if rank == 0:
-        final = prototype_stats(teacher, student_without_ddp)
-        unique = final["unique_prototypes"]
-        summary.update(unique_prototypes=unique, num_prototypes=args.out_dim,
-                       unique_prototypes_student=final["unique_prototypes_student"],
-                       unique_percent=100.0 * unique / args.out_dim, seconds=seconds,
-                       train_images=len(indices), args=vars(args))
-        line = f"unique prototypes (eps 0.025): {unique} / {args.out_dim} ({summary['unique_percent']:.1f}%)"
-        if "unique_prototypes_patch" in final:
-            summary.update(unique_prototypes_patch=final["unique_prototypes_patch"], num_prototypes_patch=args.patch_out_dim)
-            line += f"; patch head {final['unique_prototypes_patch']} / {args.patch_out_dim}"
-        with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1, default=str)
-        say(line)
-        say(f"training time: {datetime.timedelta(seconds=round(seconds))}; summary in "
-            f"{os.path.join(args.output_dir, 'summary.json')}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    with open(log_path, "a") as f:
+        f.write(json.dumps(stats) + "\n")
+    with open(log_path) as f:  # the whole run, resumed parts included
+        koleo_proto.plot_training([json.loads(line) for line in f], args.out_dim,
+                                  os.path.join(args.output_dir, "unique_prototypes.png"),
+                                  f"ibot.py --data {args.data}"
+                                  + (f" --koleo {args.koleo}" if args.koleo else ""))
+    patch = f" (patch {stats['unique_prototypes_patch']}/{args.patch_out_dim})" \
+        if "unique_prototypes_patch" in stats else ""
+    say(f"epoch {epoch}/{args.epochs}  loss {stats['loss']:.4f} (cls {stats['loss_cls']:.4f}, "
+        f"patch {stats['loss_patch']:.4f})  unique prototypes {stats['unique_prototypes']}/"
+        f"{args.out_dim}{patch} (student {stats['unique_prototypes_student']})  used "
+        f"{stats['usage_used']}  teacher entropy {stats['teacher_entropy']:.2f}  "
+        f"{stats['images_per_s']:.0f} img/s")
 
 
-def evaluate(args, teacher, train_set, indices, device, amp_dtype, mean, std, say):
-    transform = eval_transform(args, mean, std)
-    train_eval = build_dataset(args, True, transform)
-    test_eval = build_dataset(args, False, transform)
-    if test_eval is None:
-        say("kNN: skipped (no val/ split under --data_path)")
-        return dict(knn_top1=None, knn_top5=None, raw_pixel_knn_top1=None)
-    teacher.eval()
-    backbone = partial(teacher.backbone, return_all_tokens=False)  # the CLS token
-    test_indices = balanced_subset(range(len(test_eval)), test_eval.targets, args.subset, args.seed)
-    pixels = len(indices) <= 200_000  # raw pixels of ImageNet would not fit in memory
-    train_feats, *train_pixels = extract_features(backbone, torch.utils.data.Subset(train_eval, indices), args, device, amp_dtype, pixels)
-    test_feats, *test_pixels = extract_features(backbone, torch.utils.data.Subset(test_eval, test_indices), args, device, amp_dtype, pixels)
-    train_labels = torch.as_tensor(np.asarray(train_eval.targets)[indices], device=device)
-    test_labels = torch.as_tensor(np.asarray(test_eval.targets)[test_indices], device=device)
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    train_feats, test_feats = F.normalize(train_feats, dim=1), F.normalize(test_feats, dim=1)
-    top1, top5 = knn_classifier(train_feats, train_labels, test_feats, test_labels, 20, 0.07, num_classes)
-    raw1 = knn_classifier(*train_pixels, train_labels, *test_pixels, test_labels, 20, 0.07, num_classes)[0] if pixels else None
-    say(f"kNN top-1 (k=20, T=0.07, teacher CLS): {top1:.2f}%  (top-5 {top5:.2f}%)")
-    say("raw-pixel kNN top-1 on the same split: " + (f"{raw1:.2f}%" if pixels else "skipped (over 200k images)"))
-    return dict(knn_top1=top1, knn_top5=top5, raw_pixel_knn_top1=raw1)
+def format_percent(value):
+    return "n/a" if value is None else f"{value:.2f}%"
+
+
+def write_summary(args, summary, run_state, indices, student, teacher, say):
+    """summary.json: the kNN of the teacher before training and after, the raw pixels', the
+    unique prototypes, the time and the arguments; printed too."""
+    if summary["knn_top1"] is not None:
+        say(f"kNN top-1 (k=20, T=0.07, teacher CLS): {summary['knn_top1']:.2f}%  (top-5 "
+            f"{summary['knn_top5']:.2f}%)")
+        say("raw-pixel kNN top-1 on the same split: " + (
+            format_percent(summary["raw_pixel_knn_top1"]) if len(indices) <= 200_000
+            else "skipped (over 200k images)"))
+        say(f"kNN top-1: init {format_percent(run_state['knn_top1_init'])} -> trained "
+            f"{format_percent(summary['knn_top1'])}")
+    final = prototype_stats(teacher, student)
+    unique = final["unique_prototypes"]
+    summary.update(knn_top1_init=run_state["knn_top1_init"], unique_prototypes=unique,
+                   num_prototypes=args.out_dim,
+                   unique_prototypes_student=final["unique_prototypes_student"],
+                   unique_percent=100.0 * unique / args.out_dim, seconds=run_state["seconds"],
+                   train_images=len(indices), args=vars(args))
+    line = f"unique prototypes (eps 0.025): {unique} / {args.out_dim} " \
+        f"({summary['unique_percent']:.1f}%)"
+    if "unique_prototypes_patch" in final:
+        summary.update(unique_prototypes_patch=final["unique_prototypes_patch"],
+                       num_prototypes_patch=args.patch_out_dim)
+        line += f"; patch head {final['unique_prototypes_patch']} / {args.patch_out_dim}"
+    path = os.path.join(args.output_dir, "summary.json")
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    say(line)
+    say(f"training time: {datetime.timedelta(seconds=round(run_state['seconds']))}; summary in "
+        f"{path}")
 
 
 def run(entry=main, prog="ibot.py"):
     """Run entry(); bad input ends the program with one line and a non-zero status, no traceback."""
     try:
         entry()
-    except BadInput as e:  # exceptions raised in data-loading workers arrive wrapped with a traceback
+    except BadInput as e:  # raised in a data-loading worker, it arrives wrapped with a traceback
         message = str(e).strip().splitlines()[-1].split("BadInput: ", 1)[-1]
         sys.exit(f"{prog}: error: {message}")
     except KeyboardInterrupt:
-        sys.exit(f"{prog}: interrupted (a training run continues from its last checkpoint when rerun)")
+        sys.exit(f"{prog}: interrupted (a training run continues from its last checkpoint when "
+                 "rerun)")
 
 
 if __name__ == "__main__":

@@ -307,7 +307,7 @@ def test_training_run_writes_official_checkpoint(separate_run, shared_run):
     teacher.load_state_dict(ckpt["teacher"], strict=True)
     student.load_state_dict(ibot.strip_prefix(ckpt["student"]), strict=True)
     summary = json.load(open(out / "summary.json"))
-    for key in ("knn_top1", "raw_pixel_knn_top1", "unique_prototypes", "num_prototypes", "unique_percent", "seconds",
+    for key in ("knn_top1", "knn_top1_init", "raw_pixel_knn_top1", "unique_prototypes", "num_prototypes", "unique_percent", "seconds",
                 "unique_prototypes_patch", "num_prototypes_patch", "unique_prototypes_student"):
         assert summary[key] is not None, key
     assert summary["num_prototypes"] == 64 and summary["num_prototypes_patch"] == 64
@@ -349,6 +349,9 @@ def test_resume_continues_exactly(tmp_path, shared_run, workers):
             assert torch.equal(v, final_b[part][k]), (part, k)
     for k in ("center", "center2"):
         assert torch.equal(final_a["ibot_loss"][k], final_b["ibot_loss"][k]), k
+    # the untrained teacher's kNN is measured once, before training: a resumed run reports it too
+    init_a, init_b = (json.load(open(d / "summary.json"))["knn_top1_init"] for d in (a, b))
+    assert init_a is not None and init_a == init_b
 
 
 @pytest.mark.parametrize("shared", ["true", "false"])

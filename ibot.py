@@ -892,7 +892,7 @@ FLAGS = dict(
     saveckp_freq=(40, "also keep checkpointNNNN.pth every this many epochs"),
     num_workers=(10, "data-loading processes per training process"))
 OFFICIAL = {name: default for name, (default, _) in FLAGS.items()}
-CHOICES = dict(arch=list(ARCHS), pred_shape=["block", "rand"], optimizer=["adamw", "sgd"])
+CHOICES = dict(arch=ARCHS, pred_shape=["block", "rand"], optimizer=["adamw", "sgd"])
 
 # What `python ibot.py` runs (--data fashion-mnist, the bundled sample), where it departs from the
 # official values above; it fits in minutes on 2 CPU cores. Small images need small crops: a

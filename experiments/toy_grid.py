@@ -10,7 +10,7 @@ can afford seeds. Each sweep below answers one question, every cell with and wit
   rho         cluster sizes n_max * RHO^(-c / 31), RHO in --rho, at K --K_other      (claim 4)
   bottleneck  the bottleneck dimension in --bottlenecks, at K --K_other             (where 1-2 hold)
 
-  python experiments/toy_grid.py                 # the whole grid: 110 runs, ~45 min on 2 cores
+  python experiments/toy_grid.py                 # the whole grid: 110 runs, ~1 h on 2 cores
   python experiments/toy_grid.py --table_only    # the table and plots of the runs that exist
   python experiments/toy_grid.py --sweeps rho --seeds 2 --steps 500    # a quick look
 Writes, under --output_dir (default runs/toy_grid): runs/<cell>_seed<s>.json (one run; a rerun

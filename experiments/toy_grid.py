@@ -57,7 +57,8 @@ def get_args_parser():
     add("--steps", type=int, default=2000, help="training steps of each run")
     add("--set", nargs="*", default=[], metavar="KEY=VALUE",
         help="other toy.py settings for every run, e.g. clusters=8 (see toy.py --help)")
-    add("--workers", type=int, default=2, help="runs at once, one CPU thread each (1: in this process)")
+    add("--workers", type=int, default=2,
+        help="runs at once, one CPU thread each (1: in this process)")
     add("--output_dir", default="runs/toy_grid", help="runs, table and plots")
     add("--table_only", action="store_true", help="run nothing: the table and plots of what exists")
     return p
@@ -91,12 +92,14 @@ def cells(args):
     return found
 
 
-def run_name(K, b, rho, lam, seed):
-    return f"K{K}_b{b}_rho{rho:g}_koleo{lam:g}_seed{seed}"
+def run_path(args, K, b, rho, lam, seed):
+    name = f"K{K}_b{b}_rho{rho:g}_koleo{lam:g}_seed{seed}.json"
+    return os.path.join(args.output_dir, "runs", name)
 
 
 def settings(args, K, b, rho, lam, seed, extra):
-    return dict(extra, K=K, bottleneck=b, rho=rho, koleo=lam, seed=seed, steps=args.steps, threads=1)
+    return dict(extra, K=K, bottleneck=b, rho=rho, koleo=lam, seed=seed, steps=args.steps,
+                threads=1)
 
 
 def one_run(job):
@@ -141,8 +144,7 @@ def load_rows(args, found, extra):
     for (K, b, rho), sweeps in found.items():
         for lam in args.koleo:
             for seed in range(args.seeds):
-                path = os.path.join(args.output_dir, "runs", run_name(K, b, rho, lam, seed) + ".json")
-                r = collapse.read_json(path)
+                r = collapse.read_json(run_path(args, K, b, rho, lam, seed))
                 if r and r.get("settings") == settings(args, K, b, rho, lam, seed, extra):
                     r["teacher_unique_pct"] = 100 * r["teacher_unique"] / K
                     r["student_unique_pct"] = 100 * r["student_unique"] / K
@@ -163,13 +165,14 @@ def group(rows, sweep):
 
 
 def paired(groups, key):
-    """KoLeo-Proto's effect per cell: the mean and 95% interval of (with - without), seed by seed."""
+    """KoLeo-Proto's effect per cell: (with - without), seed by seed."""
     out = {}
     for (K, b, rho, lam), rows in groups.items():
         base = groups.get((K, b, rho, 0.0))
         if lam > 0 and base:
             by_seed = {r["seed"]: r[key] for r in base}
-            out[(K, b, rho, lam)] = [r[key] - by_seed[r["seed"]] for r in rows if r["seed"] in by_seed]
+            out[(K, b, rho, lam)] = [r[key] - by_seed[r["seed"]] for r in rows
+                                     if r["seed"] in by_seed]
     return out
 
 
@@ -178,7 +181,8 @@ def markdown(args, rows):
     for sweep in args.sweeps:
         groups = group(rows, sweep)
         lines += [f"### Sweep: {sweep}", "",
-                  "| K | bottleneck | RHO | KoLeo | seeds | " + " | ".join(c[0] for c in COLUMNS) + " |",
+                  "| K | bottleneck | RHO | KoLeo | seeds | "
+                  + " | ".join(c[0] for c in COLUMNS) + " |",
                   "|---" * (5 + len(COLUMNS)) + "|"]
         for (K, b, rho, lam), g in groups.items():
             lines.append(f"| {K} | {b} | {rho:g} | {lam:g} | {len(g)} | "
@@ -188,7 +192,8 @@ def markdown(args, rows):
                     ("kNN rarest 1/4", "knn_rarest_quarter"))]
         if effects[0][1]:
             lines += ["", "KoLeo-Proto minus none, paired by seed (mean ± 95% interval):", "",
-                      "| K | bottleneck | RHO | KoLeo | " + " | ".join(n for n, _ in effects) + " |",
+                      "| K | bottleneck | RHO | KoLeo | "
+                      + " | ".join(n for n, _ in effects) + " |",
                       "|---" * (4 + len(effects)) + "|"]
             for cell in effects[0][1]:
                 K, b, rho, lam = cell
@@ -201,9 +206,9 @@ def markdown(args, rows):
 def plot(args, rows):
     """unique-vs-K and kNN-vs-K (one line per bottleneck and KoLeo weight), rare vs RHO."""
     ns = argparse.Namespace(K=args.K, data="toy")
-    for key, ylabel, name, ymax in (("teacher_unique_pct", "teacher unique prototypes (% of K)",
-                                     "unique_vs_K.png", 105),
-                                    ("knn_top1", "kNN top-1 of the backbone (%)", "knn_vs_K.png", None)):
+    figures = (("teacher_unique_pct", "teacher unique prototypes (% of K)", "unique_vs_K.png", 105),
+               ("knn_top1", "kNN top-1 of the backbone (%)", "knn_vs_K.png", None))
+    for key, ylabel, name, ymax in figures:
         series = {}
         for (K, b, rho, lam), g in group(rows, "K").items():
             mean, half, n = ci95([r[key] for r in g])
@@ -229,8 +234,7 @@ def main(argv=None):
     extra = parse_set(args.set)
     found = cells(args)
     os.makedirs(os.path.join(args.output_dir, "runs"), exist_ok=True)
-    jobs = [(os.path.join(args.output_dir, "runs", run_name(K, b, rho, lam, s) + ".json"),
-             settings(args, K, b, rho, lam, s, extra))
+    jobs = [(run_path(args, K, b, rho, lam, s), settings(args, K, b, rho, lam, s, extra))
             for s in range(args.seeds) for (K, b, rho) in found for lam in args.koleo]
     start = time.time()
     if not args.table_only:
@@ -252,9 +256,11 @@ def main(argv=None):
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(f"`{command}` ({date}; {len(rows)} of {len(jobs)} runs)\n\n{table}\n"
                 "Mean ± 95% t-interval over seeds (each seed also draws the data). unique = "
-                "prototypes more than eps 0.025 apart (koleo_proto.count_unique_prototypes); used = "
+                "prototypes more than eps 0.025 apart (koleo_proto.count_unique_prototypes); "
+                "used = "
                 "prototypes that were some batch item's argmax over the last 250 steps; kNN k=20 "
-                "T=0.07 on the teacher backbone; rarest 1/4: mean kNN of the quarter of the clusters "
+                "T=0.07 on the teacher backbone; rarest 1/4: mean kNN of the quarter of the "
+                "clusters "
                 "with the fewest training points; "
                 "s: seconds of one run on one thread.\n")
     plot(args, rows)

@@ -741,6 +741,7 @@ def get_args_parser():
         help="torch.compile both networks (alone: inductor; default: off)")
     add("--output_dir", metavar="DIR", help="checkpoints and logs (default: runs/dino-<preset>)")
     add("--resume", metavar="PATH", help="checkpoint to continue (default: --output_dir's)")
+    add("--init", metavar="PATH", help="new run from a checkpoint's teacher (fresh optimizer)")
     add("--subset", type=int, metavar="N", help="N training and N test images, class shares kept")
     add("--seed", type=int, default=0, metavar="N", help="random seed")
     add("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by old launchers
@@ -982,9 +983,10 @@ def restore(ckpt, path, args, student, teacher, optimizer, dino_loss, scaler):
     """Load a training checkpoint; a different architecture is one clear line, not a key dump."""
     saved = ckpt.get("args")
     saved = vars(saved) if isinstance(saved, argparse.Namespace) else (saved or {})
-    # every flag that shapes the weights or the optimizer's parameter groups
-    for key in ("arch", "patch_size", "global_crops_size", "out_dim", "bottleneck_dim",
-                "use_bn_in_head", "vmf", "norm_last_layer", "optimizer", "weight_decay_last_layer"):
+    # every flag that shapes the weights (or, where its state is loaded, the optimizer's groups)
+    shapes = ("arch", "patch_size", "global_crops_size", "out_dim", "bottleneck_dim",
+              "use_bn_in_head", "vmf", "norm_last_layer")
+    for key in shapes + (("optimizer", "weight_decay_last_layer") if "optimizer" in ckpt else ()):
         if key in saved and saved[key] != getattr(args, key):
             raise BadInput(f"{path} was trained with --{key} {saved[key]}, this run has "
                            f"{getattr(args, key)}: pass the same --{key} or use another "
@@ -1212,6 +1214,12 @@ def main(argv=None):
                                        dino_loss, scaler)
         knn_init = ckpt.get("knn_top1_init")
         say(f"resumed from {resume} at epoch {start_epoch}")
+    elif args.init:  # a new run from another run's teacher: its weights in both networks and its
+        init = load_checkpoint(args.init)  # centre; the optimizer and the schedules start afresh
+        restore({**{k: init[k] for k in ("args", "dino_loss") if k in init},
+                 "student": init["teacher"], "teacher": init["teacher"]}, args.init, args,
+                student_without_ddp, teacher, optimizer, dino_loss, None)
+        say(f"student and teacher start from the teacher of {args.init}")
     log_path = os.path.join(args.output_dir, "log.txt")
     if rank == 0:  # room for student, teacher and AdamW's two moments: four copies of the weights
         check_output_dir(args.output_dir, 4 * sum(p.numel() * p.element_size()
@@ -1219,11 +1227,12 @@ def main(argv=None):
         continue_log(log_path, resume, start_epoch)
     transform = eval_transform(args, mean, std)
     eval_sets = build_dataset(args, True, transform), build_dataset(args, False, transform)
-    if not resume:  # the baseline the training must beat: kNN of the untrained teacher
+    if not resume:  # the baseline the training must beat: kNN of the teacher before training
         knn_init = evaluate(args, teacher, eval_sets, indices, device, amp_dtype,
                             pixels=False)["knn_top1"]
         if knn_init is not None:
-            say(f"kNN top-1 of the untrained teacher: {knn_init:.2f}%")
+            say(f"kNN top-1 of the {'starting' if args.init else 'untrained'} teacher: "
+                f"{knn_init:.2f}%")
 
     for epoch in range(start_epoch, args.epochs):
         # Reseeding from (seed, epoch, rank) makes a resumed run draw the same crops and drop paths

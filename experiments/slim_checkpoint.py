@@ -8,6 +8,8 @@ checkpoint, when there), and is written atomically. evaluate.py reads it like an
   python experiments/slim_checkpoint.py runs/dino-fashion-mnist-collapsed/checkpoint0030.pth \
       checkpoints/dino-fashion-mnist-collapsed.pth
   python evaluate.py --checkpoint checkpoints/dino-fashion-mnist-collapsed.pth --prototypes
+With --whole_teacher the copy keeps the whole teacher (its head MLP too) and DINOLoss's centre:
+what `python dino.py --init COPY` needs to start a new run from it (tutorial 3).
 """
 import argparse
 import json
@@ -18,17 +20,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dino  # noqa: E402  (the repository's root is put on the path first)
 
 
-def slim(ckpt, log=None):
+def slim(ckpt, log=None, whole_teacher=False):
     keep = {k: v for k, v in ckpt["teacher"].items()
-            if k.startswith(("backbone.", "head.last_layer."))}
+            if whole_teacher or k.startswith(("backbone.", "head.last_layer."))}
     args = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(ckpt["args"]).items()}
-    return {"teacher": keep, "args": args, "epoch": ckpt["epoch"], "log": log or []}
+    extra = {"dino_loss": ckpt["dino_loss"]} if whole_teacher and "dino_loss" in ckpt else {}
+    return {"teacher": keep, "args": args, "epoch": ckpt["epoch"], "log": log or [], **extra}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="a dino.py checkpoint (checkpoint.pth or checkpointNNNN.pth)")
     p.add_argument("output", help="where the slim copy goes")
+    p.add_argument("--whole_teacher", action="store_true",
+                   help="keep the whole teacher and the centre (for dino.py --init)")
     args = p.parse_args(argv)
     try:
         ckpt = dino.load_checkpoint(args.checkpoint)
@@ -39,7 +44,7 @@ def main(argv=None):
         log = [json.loads(line) for line in open(log_path)] if os.path.isfile(log_path) else []
         log = [e for e in log if e.get("epoch", 0) <= ckpt["epoch"]]
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        dino.save_checkpoint(slim(ckpt, log), args.output)
+        dino.save_checkpoint(slim(ckpt, log, args.whole_teacher), args.output)
     except dino.BadInput as e:
         sys.exit(f"slim_checkpoint.py: error: {e}")
     print(f"{args.output}: {os.path.getsize(args.output) / 2 ** 20:.1f} MiB, epoch {ckpt['epoch']}")

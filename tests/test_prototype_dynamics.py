@@ -61,3 +61,23 @@ def test_slim_checkpoint_audits_like_the_full_one(tiny_run, tmp_path):
         (result,) = [json.loads(p.read_text()) for p in (tmp_path / name).glob("*.json")]
         audits.append((result["prototypes"]["head.last_layer"]["unique"], result["knn"]))
     assert audits[0] == audits[1]
+
+
+def test_init_starts_a_new_run_from_a_whole_teacher(tiny_run, tmp_path):
+    whole, part = tmp_path / "whole.pth", tmp_path / "part.pth"
+    run("experiments/slim_checkpoint.py", tiny_run / "checkpoint.pth", whole, "--whole_teacher")
+    run("experiments/slim_checkpoint.py", tiny_run / "checkpoint.pth", part)
+    small = torch.load(whole, map_location="cpu", weights_only=True)
+    assert "head.mlp.0.weight" in small["teacher"] and "center" in small["dino_loss"]
+    before = json.loads((tiny_run / "summary.json").read_text())
+    vmf = ["--vmf"] if before["args"]["vmf"] else []
+    out = run("dino.py", *TINY, *vmf, "--init", whole, "--output_dir", tmp_path / "next")
+    assert "start from the teacher of" in out and "kNN top-1 of the starting teacher" in out
+    after = json.loads((tmp_path / "next" / "summary.json").read_text())
+    assert after["knn_top1_init"] == before["knn_top1"]  # the same teacher, the same kNN
+    log = [json.loads(line) for line in open(tmp_path / "next" / "log.txt")]
+    assert [e["epoch"] for e in log] == [1]  # a new run: its own epochs and schedules
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "dino.py"), *TINY, *vmf, "--init", part,
+                          "--output_dir", tmp_path / "bad"], capture_output=True, text=True, env=ENV)
+    assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
+    assert "does not fit this model" in bad.stderr

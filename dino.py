@@ -1216,6 +1216,10 @@ def main(argv=None):
         say(f"resumed from {resume} at epoch {start_epoch}")
     elif args.init:  # a new run from another run's teacher: its weights in both networks and its
         init = load_checkpoint(args.init)  # centre; the optimizer and the schedules start afresh
+        if not any(k.startswith(("head.mlp", "module.head.mlp")) for k in init["teacher"]):
+            raise BadInput(f"{args.init} does not fit this model: it holds no head MLP (a copy "
+                           "for audits); --init needs the whole teacher (slim_checkpoint.py "
+                           "--whole_teacher)")
         restore({**{k: init[k] for k in ("args", "dino_loss") if k in init},
                  "student": init["teacher"], "teacher": init["teacher"]}, args.init, args,
                 student_without_ddp, teacher, optimizer, dino_loss, None)

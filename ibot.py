@@ -898,10 +898,10 @@ CHOICES = dict(arch=ARCHS, pred_shape=["block", "rand"], optimizer=["adamw", "sg
 # official values above; it fits in minutes on 2 CPU cores. Small images need small crops: a
 # 28 px image upsampled to 224 px costs 64x the compute and adds no information, so the global
 # crops keep the native size, the local crops are half of it and the patches shrink with the
-# image (a 4 x 4 grid of 7 px patches). So that 3 epochs visibly learn (the teacher's kNN 5.6
-# points above its untrained self, docs/benchmarks.md): batch 32 with 2 local crops, a sharper
-# teacher (0.02), prototypes free from the first step and a faster teacher (momentum 0.98). The
-# ViT-S/16 recipe's head and masks (below).
+# image (a 4 x 4 grid of 7 px patches). So that 3 epochs visibly learn (the teacher's kNN +5.6
+# points over its untrained self, +3.8 with --seed 1; docs/benchmarks.md): batch 32 with 2 local
+# crops, a sharper teacher (0.02), prototypes free from the first step and a faster teacher
+# (momentum 0.98). The ViT-S/16 recipe's head and masks (below).
 BUNDLED = dict(
     arch="vit_nano", patch_size=7, out_dim=1024, patch_out_dim=1024, shared_head=True,
     norm_last_layer=False, momentum_teacher=0.98, warmup_teacher_temp=0.02, teacher_temp=0.02,

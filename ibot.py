@@ -308,7 +308,8 @@ def build_models(args):
                        masked_im_modeling=args.use_masked_im_modeling)
     teacher = backbone()
     head = partial(iBOTHead, student.embed_dim, args.out_dim, patch_out_dim=args.patch_out_dim,
-                   norm_last_layer=args.norm_last_layer, bottleneck_dim=args.bottleneck_dim)
+                   norm_last_layer=args.norm_last_layer, hidden_dim=args.hidden_dim,
+                   bottleneck_dim=args.bottleneck_dim)
     return (MultiCropWrapper(student, head(shared_head=args.shared_head)),
             MultiCropWrapper(teacher, head(shared_head=args.shared_head_teacher)))
 
@@ -856,6 +857,7 @@ FLAGS = dict(
     shared_head_teacher=(True, "the same for the teacher (true: its patch targets come from its "
                          "[CLS] prototypes)"),
     norm_last_layer=(True, "keep prototypes at unit norm (weight_g frozen at 1); --vmf sets false"),
+    hidden_dim=(2048, "width of the head's hidden layers"),
     bottleneck_dim=(256, "dimension of the L2-normalized bottleneck the prototypes live in"),
     momentum_teacher=(0.996, "base EMA momentum of the teacher, cosine to 1"),
     warmup_teacher_temp=(0.04, "[CLS] teacher temperature at the start of its warm-up"),
@@ -1024,6 +1026,7 @@ def check_args(a):
     problems = [
         (min(a.out_dim, a.patch_out_dim) < 2, "--out_dim and --patch_out_dim need 2 prototypes"),
         (a.bottleneck_dim < 2, "--bottleneck_dim must be at least 2"),
+        (a.hidden_dim < 1, "--hidden_dim must be at least 1"),
         (a.batch_size_per_gpu < 1, f"--batch_size_per_gpu {a.batch_size_per_gpu}: must be >= 1"),
         (a.epochs < 1, "--epochs must be at least 1"),
         (not 0 <= a.warmup_epochs <= a.epochs,
@@ -1274,6 +1277,11 @@ def load_checkpoint(path):
     ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or "teacher" not in ckpt:
         raise BadInput(f"{path} holds no 'teacher' entry: not an iBOT training checkpoint")
+    saved = ckpt.get("args")  # written before --hidden_dim existed (ours or official): 2048 wide
+    if isinstance(saved, argparse.Namespace):
+        saved.hidden_dim = getattr(saved, "hidden_dim", 2048)
+    elif isinstance(saved, dict):
+        saved.setdefault("hidden_dim", 2048)
     return ckpt
 
 
@@ -1287,8 +1295,9 @@ def restore(ckpt, path, args, student, teacher, optimizer, ibot_loss, scaler):
     saved = vars(saved) if isinstance(saved, argparse.Namespace) else (saved or {})
     # every flag that shapes the weights or the optimizer's parameter groups
     for key in ("arch", "patch_size", "global_crops_size", "out_dim", "patch_out_dim",
-                "shared_head", "shared_head_teacher", "bottleneck_dim", "vmf", "norm_last_layer",
-                "use_masked_im_modeling", "optimizer", "weight_decay_last_layer"):
+                "shared_head", "shared_head_teacher", "hidden_dim", "bottleneck_dim", "vmf",
+                "norm_last_layer", "use_masked_im_modeling", "optimizer",
+                "weight_decay_last_layer"):
         if key in saved and saved[key] != getattr(args, key):
             raise BadInput(f"{path} was trained with --{key} {saved[key]}, this run has "
                            f"{getattr(args, key)}: pass the same --{key} or use another "

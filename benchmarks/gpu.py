@@ -287,7 +287,7 @@ class OfficialRun:
         backbone = partial(ovt.VisionTransformer, patch_size=args.patch_size, mlp_ratio=4,
                            qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), **dims)
         head = partial(ovt.DINOHead, dims["embed_dim"], args.out_dim, use_bn=False,
-                       bottleneck_dim=args.bottleneck_dim)
+                       hidden_dim=args.hidden_dim, bottleneck_dim=args.bottleneck_dim)
         self.student = self.outils.MultiCropWrapper(
             backbone(drop_path_rate=args.drop_path_rate),
             head(norm_last_layer=args.norm_last_layer))

@@ -1,7 +1,7 @@
 r"""A few-MB copy of a dino.py checkpoint for auditing: the teacher's backbone and prototypes.
 
 A full checkpoint also holds the student, the optimizer state and the teacher's 3-layer head MLP
-(for the CPU preset 100 MB, most of it the 2048-wide MLP); the collapse audit needs only the
+(100 MB for the shipped runs, most of it their 2048-wide MLP); the collapse audit needs only the
 prototypes (head.last_layer), the kNN / linear / few-shot evaluation only the backbone. The copy
 keeps those two, the run's arguments as a plain dict and its per-epoch log (log.txt next to the
 checkpoint, when there), and is written atomically. evaluate.py reads it like any checkpoint:

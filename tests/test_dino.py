@@ -410,7 +410,8 @@ def test_warmup_left_unset_shrinks_to_fit_epochs(tmp_path, capsys):
 
 @pytest.mark.parametrize("flag, saved, now", [("--norm_last_layer", "false", "true"),
                                               ("--global_crops_size", "14", "28"),
-                                              ("--weight_decay_last_layer", "0.5", None)])
+                                              ("--weight_decay_last_layer", "0.5", None),
+                                              ("--hidden_dim", "2048", None)])
 def test_resume_checks_every_architecture_argument(tmp_path, flag, saved, now):
     """A checkpoint of another head, crop size or optimizer layout is refused naming that flag,
     not with a hint about --arch/--patch_size/--out_dim."""
@@ -426,6 +427,17 @@ def test_resume_checks_every_architecture_argument(tmp_path, flag, saved, now):
     loss = dino.DINOLoss(64, 4, 0.04, 0.04, 0, 2)
     with pytest.raises(dino.BadInput, match=f"was trained with {flag} .* pass the same {flag} "):
         dino.restore(ckpt, "ckpt.pth", args, student, teacher, optimizer, loss, None)
+
+
+def test_a_checkpoint_from_before_hidden_dim_has_the_official_width(tmp_path):
+    """Checkpoints written before --hidden_dim existed (ours and the official ones) have 2048-wide
+    heads: load_checkpoint fills that in, so restore and build_models see the right width."""
+    args = dino.parse_args(TINY)
+    del args.hidden_dim
+    torch.save({"args": args, "teacher": {}}, tmp_path / "old.pth")
+    torch.save({"args": vars(args), "teacher": {}}, tmp_path / "slim.pth")
+    assert dino.load_checkpoint(str(tmp_path / "old.pth"))["args"].hidden_dim == 2048
+    assert dino.load_checkpoint(str(tmp_path / "slim.pth"))["args"]["hidden_dim"] == 2048
 
 
 def test_subset_on_a_folder_keeps_the_classes(tmp_path, capsys):
@@ -451,3 +463,13 @@ def test_subset_on_a_folder_keeps_the_classes(tmp_path, capsys):
     assert "10 training images, 10 classes (--subset: drawn with --seed 0" in capsys.readouterr()[0]
     summary = json.load(open(tmp_path / "out" / "summary.json"))
     assert summary["train_images"] == 10
+
+
+@pytest.mark.parametrize("module", ["dino", "ibot"])
+def test_help_gives_every_flag_one_line(module):
+    """`python dino.py --help` (and ibot.py's): one line per flag, with its default, none wrapped
+    (dino.py's within 100 characters)."""
+    text = __import__(module).get_args_parser().format_help()
+    options = text.split("options:")[1].split("\n\n")[0].splitlines()[1:]
+    assert len(options) > 40 and all(line.startswith("  -") for line in options), options
+    assert module == "ibot" or all(len(line) <= 100 for line in text.splitlines())

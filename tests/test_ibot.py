@@ -530,7 +530,8 @@ def test_warmup_left_unset_shrinks_to_fit_epochs(capsys):
 
 
 @pytest.mark.parametrize("flag, saved, now", [("--norm_last_layer", "true", "false"),
-                                              ("--global_crops_size", "14", "28")])
+                                              ("--global_crops_size", "14", "28"),
+                                              ("--hidden_dim", "64", "2048")])
 def test_resume_checks_every_architecture_argument(flag, saved, now):
     """As dino.py's: the flag that differs is named."""
     def built(value):

@@ -615,7 +615,7 @@ OFFICIAL = dict(
 # run must finish in minutes on 2 CPU cores: a 6-block ViT on a 4 x 4 grid of 7 px patches, 1024
 # prototypes, a head 4x narrower than the official one (a 128-d backbone needs no 2048-wide MLP;
 # it saves a quarter of the step), small batches, 2 local crops, a sharper and faster teacher,
-# and no frozen prototypes: 5 epochs in about 9 minutes that lift the teacher's kNN by 6 points
+# and no frozen prototypes: 5 epochs in 9 to 11 minutes that lift the teacher's kNN by 6 points
 # (docs/benchmarks.md has the trials behind each value).
 SMALL_IMAGES = dict(patch_size=4, drop_path_rate=0.0, warmup_epochs=2, min_lr=1e-5, saveckp_freq=5)
 PRESETS = {

@@ -1280,10 +1280,9 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or "teacher" not in ckpt:
         raise BadInput(f"{path} holds no 'teacher' entry: not an iBOT training checkpoint")
     saved = ckpt.get("args")  # written before --hidden_dim existed (ours or official): 2048 wide
-    if isinstance(saved, argparse.Namespace):
-        saved.hidden_dim = getattr(saved, "hidden_dim", 2048)
-    elif isinstance(saved, dict):
-        saved.setdefault("hidden_dim", 2048)
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
+    if isinstance(saved, dict):
+        saved.setdefault("hidden_dim", OFFICIAL["hidden_dim"])
     return ckpt
 
 

@@ -5,7 +5,7 @@ DINO Family of Self-Supervised Methods").
 The paper's claims are measured claims: only 1-15% of the K prototypes of DINO, iBOT, ... are
 unique, and keeping them apart (KoLeo-Proto) changes kNN, linear, few-shot and long-tailed
 accuracy. This file measures all of these for dino.py checkpoints and for the official DINO and
-iBOT releases, reusing dino.py (models, data, kNN) and koleo_proto.py (collapse detection).
+iBOT releases, reusing dino.py (models) and koleo_proto.py (data, kNN, collapse detection).
 
 Read top to bottom:
   1. arguments                         4. evaluations: kNN, linear probe, few-shot, long-tail groups
@@ -39,7 +39,7 @@ from tqdm import tqdm
 import dino
 import koleo_proto
 import official_checkpoints
-from dino import BadInput
+from koleo_proto import BadInput
 
 NATIVE_SIZE = {"fashion-mnist": 28, "fashion-mnist-full": 28, "cifar10": 32, "cifar100": 32}  # px
 SHOT_GROUPS = (("many", 101, math.inf), ("medium", 20, 100), ("few", 0, 19))  # images per class
@@ -47,9 +47,11 @@ SHOT_GROUPS = (("many", 101, math.inf), ("medium", 20, 100), ("few", 0, 19))  # 
 
 # 1. Arguments -------------------------------------------------------------------------------------
 def get_args_parser():
-    p = dino.OneLineParser("evaluate.py", formatter_class=dino.HelpFormatter, description=(
-        "kNN, linear, few-shot, long-tail and prototype-collapse evaluation of a DINO-family "
-        "checkpoint. Without --knn/--linear/--fewshot/--prototypes, all that apply run."))
+    p = koleo_proto.OneLineParser("evaluate.py", formatter_class=koleo_proto.HelpFormatter,
+                                  description="kNN, linear, few-shot, long-tail and "
+                                  "prototype-collapse evaluation of a DINO-family checkpoint. "
+                                  "Without --knn/--linear/--fewshot/--prototypes, all that apply "
+                                  "run.")
     add = p.add_argument  # a flag that defaults to None says in [brackets] what None means
     add("--checkpoint", required=True, help="dino.py, official DINO, iBOT or EsViT checkpoint, "
         "backbone-only weights (.pth), or official:NAME, a release's full checkpoint fetched "
@@ -67,7 +69,7 @@ def get_args_parser():
         help="N-shot classification over random draws of the support set")
     add("--prototypes", action="store_true",
         help="prototype-collapse audit of the head (needs no data when alone)")
-    add("--data", choices=list(dino.DATASETS) + ["inat2018"],
+    add("--data", choices=list(koleo_proto.DATASETS) + ["inat2018"],
         help="dataset [default: the checkpoint's --data; without one only --prototypes runs]")
     add("--data_path", help="dataset folder (as dino.py; inat2018: the folder with "
         "train2018.json, val2018.json)")
@@ -81,8 +83,8 @@ def get_args_parser():
         help="side of the evaluated crop [default: the checkpoint's training crop]")
     add("--n_last_blocks", type=int, help="linear probe reads the CLS of the last n blocks "
         "[default: official, 4; ViT-B 1]")
-    add("--avgpool_patchtokens", type=dino.bool_flag, help="linear probe also reads the mean "
-        "patch token [default: official, ViT-B only]")
+    add("--avgpool_patchtokens", type=koleo_proto.bool_flag, help="linear probe also reads the "
+        "mean patch token [default: official, ViT-B only]")
     add("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200],
         help="k values of the kNN classifier; k=20 (else the first) is the headline")
     add("--temperature", type=float, default=0.07, help="kNN vote temperature")
@@ -133,7 +135,7 @@ def read_network(path, key):
     """(state dict of one network without 'module.', the checkpoint's args as a dict, its name).
     Full checkpoints hold 'student' (DDP's 'module.' prefix), 'teacher' and 'args' (a Namespace);
     backbone-only files (dino_deitsmall16_pretrain.pth) are a bare state dict."""
-    ckpt = dino.safe_load(path)  # weights_only: a pickle that would run code is refused
+    ckpt = koleo_proto.safe_load(path)  # weights_only: a pickle that would run code is refused
     if not isinstance(ckpt, dict) or not ckpt:
         raise BadInput(f"{path} holds a {type(ckpt).__name__}, "
                        "not a checkpoint dict or a state dict")
@@ -154,7 +156,8 @@ def read_network(path, key):
             raise BadInput(f"{path} has no '{source}' network; it holds: "
                            f"{', '.join(networks) or 'none'} (pick one with --checkpoint_key)")
         state = ckpt[source]
-    state = {k: v for k, v in dino.strip_prefix(state).items() if isinstance(v, torch.Tensor)}
+    state = {k: v for k, v in koleo_proto.strip_prefix(state).items()
+             if isinstance(v, torch.Tensor)}
     if not state:
         raise BadInput(f"{path}: '{source}' holds no weights")
     return state, saved, source
@@ -310,14 +313,15 @@ class INat2018(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        return self.transform(dino.pil_loader(self.files[i])), self.targets[i]
+        return self.transform(koleo_proto.pil_loader(self.files[i])), self.targets[i]
 
 
 def build_splits(args, transform):
     """(train, test) datasets of --data with .targets; their classes must agree."""
     if args.data == "inat2018":
         return tuple(INat2018(args.data_path, split, transform) for split in ("train", "val"))
-    train, test = (dino.build_dataset(args, is_train, transform) for is_train in (True, False))
+    train, test = (koleo_proto.build_dataset(args, is_train, transform)
+                   for is_train in (True, False))
     if test is None:
         raise BadInput(f"{args.data_path} has no val/ split: kNN, linear and few-shot need "
                        "train/ and val/")
@@ -366,10 +370,11 @@ def cached_features(model, dataset, indices, key, args, device, amp_dtype):
         except Exception:
             pass  # damaged: recompute
     subset = torch.utils.data.Subset(dataset, [int(i) for i in indices])
-    feats = dino.extract_features(model, subset, args, device, amp_dtype, with_pixels=False)[0]
+    feats = koleo_proto.extract_features(model, subset, args, device, amp_dtype,
+                                         with_pixels=False)[0]
     feats = feats.cpu()  # (N, F)
     if not args.no_cache:  # temp file + rename: never half-written
-        dino.save_checkpoint({"key": text, "features": feats}, path)
+        koleo_proto.save_checkpoint({"key": text, "features": feats}, path)
     return feats
 
 
@@ -377,13 +382,14 @@ def cached_features(model, dataset, indices, key, args, device, amp_dtype):
 def knn_eval(train_f, train_y, test_f, test_y, ks, T, num_classes):
     """{k: (top-1, top-5)} of DINO's weighted kNN on L2-normalized features."""
     train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
-    return {k: dino.knn_classifier(train_f, train_y, test_f, test_y, k, T, num_classes) for k in ks}
+    return {k: koleo_proto.knn_classifier(train_f, train_y, test_f, test_y, k, T, num_classes)
+            for k in ks}
 
 
 def knn_per_class(train_f, train_y, test_f, test_y, k, T, num_classes):
     """(C,) kNN top-1 of each class's test images (NaN for a class without any)."""
     train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
-    pred = dino.knn_predict(train_f, train_y, test_f, k, T, num_classes)[:, 0]  # (N_test,)
+    pred = koleo_proto.knn_predict(train_f, train_y, test_f, k, T, num_classes)[:, 0]  # (N_test,)
     return per_class_accuracy(pred, test_y, num_classes)
 
 
@@ -529,7 +535,7 @@ def teacher_targets(path, saved, head):
     """(features -> logits, name): the head's logits as dino.py's log counts their argmax, with the
     checkpoint's centre (DINO: minus the logit centre; -vMF: vMF normalizer over the probability
     centre, at the final teacher temperature), else the raw head's."""
-    ckpt = dino.safe_load(path)
+    ckpt = koleo_proto.safe_load(path)
     loss = next((ckpt[k] for k in ("dino_loss", "ibot_loss") if isinstance(ckpt.get(k), dict)), {})
     center = loss.get("center")
     K, p = head.last_layer.weight_v.shape
@@ -581,7 +587,7 @@ def plot_audit(audits, usage_hist, path):
 def evaluate_data(args, todo, backbone, train_size, key_base, results, rows, device, amp_dtype):
     """kNN, linear, few-shot and long-tail groups, as `todo` says; returns the (N, D) last-block CLS
     features of the images evaluated (for prototype usage), None if none were extracted."""
-    mean, std = dino.DATASETS.get(args.data, dino.DATASETS["imagenet"])
+    mean, std = koleo_proto.DATASETS.get(args.data, koleo_proto.DATASETS["imagenet"])
     size = args.image_size or train_size
     vit = isinstance(backbone, dino.VisionTransformer)
     patch = backbone.patch_embed.patch_size if vit else None
@@ -596,15 +602,15 @@ def evaluate_data(args, todo, backbone, train_size, key_base, results, rows, dev
         notes.append("positional embeddings interpolated")
     print(f"images: Resize({size * 256 // 224}) + CenterCrop({size}), DINO's eval view; "
           f"{size} px: {'; '.join(notes)}")
-    eval_tf = dino.eval_transform(argparse.Namespace(global_crops_size=size), mean, std)
+    eval_tf = koleo_proto.eval_transform(argparse.Namespace(global_crops_size=size), mean, std)
     train_set, test_set = build_splits(args, eval_tf)
     train_y_all, test_y_all = np.asarray(train_set.targets), np.asarray(test_set.targets)
     unseen = np.setdiff1d(test_y_all, train_y_all)
     if len(unseen):
         raise BadInput(f"{len(unseen)} classes of the test split have no training image "
                        f"(e.g. class {unseen[0]}): the splits do not match")
-    train_idx = dino.training_indices(args, train_y_all)  # --long_tail, then --subset, as dino.py
-    test_idx = dino.balanced_subset(range(len(test_set)), test_y_all, args.subset, args.seed)
+    train_idx = koleo_proto.training_indices(args, train_y_all)  # --long_tail, then --subset
+    test_idx = koleo_proto.balanced_subset(range(len(test_set)), test_y_all, args.subset, args.seed)
     big = vit and backbone.embed_dim >= 768  # official: ViT-B reads 1 block + avgpool, others 4
     n_blocks = args.n_last_blocks or (1 if big else 4)
     avgpool = args.avgpool_patchtokens if args.avgpool_patchtokens is not None else big
@@ -704,7 +710,7 @@ def main(argv=None):
               for k, w in find_prototypes(head, name).items()}
     if args.seed is None:
         args.seed = int(saved.get("seed", 0))
-    if args.data is None and saved.get("data") in dino.DATASETS:  # the data it was trained on
+    if args.data is None and saved.get("data") in koleo_proto.DATASETS:  # its training data
         args.data, args.data_path = saved["data"], args.data_path or saved.get("data_path")
     if (args.data, args.data_path or None) == (saved.get("data"), saved.get("data_path") or None):
         for flag in ("subset", "long_tail"):  # its training data: the images it trained on
@@ -793,4 +799,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    dino.run(main, "evaluate.py")
+    koleo_proto.run(main, "evaluate.py")

@@ -24,29 +24,18 @@ With the two changes the partial-prototype-collapse paper studies (Govindarajan 
                   components (free norms, a normalizer in each logit, centring of probabilities).
 
 Reading order: 1. the model, 2. the crops and block masks, 3. the loss, 4. the training step,
-5. the training loop (main). A first reading can stop at the divider after it; below it is the
-plumbing: flags and presets, checks, data sets, checkpoints, DDP, kNN evaluation and logging.
+5. the training loop (main), then a divider. Datasets, checkpoints, DDP, kNN: in koleo_proto.py.
 Runs:
   python ibot.py                                    # bundled Fashion-MNIST sample, CPU, minutes
   python ibot.py --koleo 0.1 --vmf                  # iBOT-vMF with KoLeo-Proto (the paper's method)
   torchrun --nproc_per_node 8 ibot.py --data imagenet --data_path /imagenet   # official ViT-S/16
 Names (VisionTransformer, iBOTHead, MultiCropWrapper, iBOTLoss), flags, defaults and checkpoint
-keys are those of bytedance/ibot, so official checkpoints load here and ours load there. This file
-repeats much of dino.py on purpose: it is meant to be read alone.
+keys are those of bytedance/ibot, so official checkpoints load here and ours load there.
 """
 import argparse
-import contextlib
-import datetime
-import gzip
-import json
 import math
-import os
 import random
-import shutil
-import struct
-import sys
 import time
-import warnings
 from collections import OrderedDict
 from functools import partial
 from itertools import groupby
@@ -56,23 +45,16 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageFilter
-from torchvision import datasets, transforms
+from PIL import ImageFilter
+from torchvision import transforms
 from torchvision.ops import StochasticDepth
 from tqdm import tqdm
 
 import koleo_proto
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+BadInput = koleo_proto.BadInput  # a bad flag or file: one line, no traceback (koleo_proto.run)
 
-
-class BadInput(Exception):
-    """A problem with what the user asked for: reported as one line, no traceback."""
-
-
-# ==============================================================================================
-# 1. The model: VisionTransformer with a mask token (official key names), iBOTHead, MultiCropWrapper
-# ==============================================================================================
+# ==== 1. The model: ViT with a mask token (official key names), iBOTHead, MultiCropWrapper =====
 class Attention(nn.Module):
     def __init__(self, dim, num_heads, qkv_bias=True):
         super().__init__()
@@ -91,8 +73,7 @@ class Block(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio, qkv_bias, drop_path, norm_layer):
         super().__init__()
         self.norm1, self.attn = norm_layer(dim), Attention(dim, num_heads, qkv_bias)
-        # stochastic depth (Huang et al., 2016): drops the residual branch for whole samples
-        self.drop_path = StochasticDepth(drop_path, "row")
+        self.drop_path = StochasticDepth(drop_path, "row")  # per sample (Huang et al., 2016)
         hidden = int(dim * mlp_ratio)
         self.norm2, self.mlp = norm_layer(dim), nn.Sequential(OrderedDict(
             fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
@@ -166,15 +147,6 @@ class VisionTransformer(nn.Module):
         all_tokens = self.return_all_tokens if return_all_tokens is None else return_all_tokens
         return x if all_tokens else x[:, 0]  # (B, 1 + N, D) or the CLS token (B, D)
 
-    def get_intermediate_layers(self, x, n=1):
-        """Normed outputs of the last n blocks (the linear-probe protocol uses their CLS tokens)."""
-        x, out = self.prepare_tokens(x), []
-        for i, blk in enumerate(self.blocks):
-            x = blk(x)
-            if i >= len(self.blocks) - n:
-                out.append(self.norm(x))
-        return out
-
 
 def init_weights(m):
     if isinstance(m, nn.Linear):
@@ -191,10 +163,8 @@ def vit(embed_dim, depth, num_heads):  # a builder taking patch_size, img_size, 
 
 
 vit_nano = vit(128, 6, 4)  # not official: small enough to learn Fashion-MNIST on 2 CPU cores
-vit_tiny = vit(192, 12, 3)
-vit_small = vit(384, 12, 6)
-vit_base = vit(768, 12, 12)
-vit_large = vit(1024, 24, 16)
+vit_tiny, vit_small = vit(192, 12, 3), vit(384, 12, 6)
+vit_base, vit_large = vit(768, 12, 12), vit(1024, 24, 16)
 ARCHS = dict(vit_nano=vit_nano, vit_tiny=vit_tiny, vit_small=vit_small, vit_base=vit_base,
              vit_large=vit_large)
 
@@ -212,9 +182,8 @@ class WeightNormLinear(nn.Module):
 
     @property
     def weight(self):  # (K, D): the prototypes
-        # torch._weight_norm(v, g, 0) is g * v / ||v|| (norm over dim 1), the fused kernel behind
-        # torch.nn.utils.weight_norm: at K = 65536 ~10x faster on CPU than spelling it out, whose
-        # backward makes several (K, D) temporaries
+        # torch._weight_norm(v, g, 0) is g * v / ||v|| per row, torch.nn.utils.weight_norm's fused
+        # kernel: at K = 65536 ~10x faster on CPU than the formula, whose backward copies (K, D)
         return torch._weight_norm(self.weight_v, self.weight_g, 0)
 
     def forward(self, x):
@@ -222,26 +191,22 @@ class WeightNormLinear(nn.Module):
 
 
 class iBOTHead(nn.Module):
-    """DINO's head (3-layer MLP -> L2-normalized bottleneck -> prototypes) applied to every token:
-    the [CLS] token is scored by last_layer (K prototypes), the patch tokens by last_layer2
-    (patch_out_dim prototypes), which is the same module when shared_head (Zhou et al. 2022;
-    the state dict then holds it under both names, as the official checkpoints do)."""
+    """DINO's head (3-layer MLP -> L2-normalized bottleneck -> prototypes) on every token: its
+    last_layer scores the [CLS] token (K prototypes), last_layer2 the patch tokens (patch_out_dim),
+    the same module when shared_head (Zhou et al. 2022): state dicts list it twice, as official."""
 
     def __init__(self, in_dim, out_dim, patch_out_dim=8192, norm_last_layer=True, nlayers=3,
                  hidden_dim=2048, bottleneck_dim=256, shared_head=False):
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (max(nlayers, 1) - 1) + [bottleneck_dim]
-        layers = []
-        for a, b in zip(dims[:-1], dims[1:]):
-            layers += [nn.Linear(a, b), nn.GELU()]
+        layers = [m for a, b in zip(dims[:-1], dims[1:]) for m in (nn.Linear(a, b), nn.GELU())]
         layers = layers[:-1]  # no GELU after the bottleneck layer
         self.mlp = layers[0] if len(layers) == 1 else nn.Sequential(*layers)
         self.apply(init_weights)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
         self.last_layer2 = self.last_layer if shared_head else \
             WeightNormLinear(bottleneck_dim, patch_out_dim)
-        # Unit-norm prototypes make the logits cosine similarities; iBOT-vMF lets g train and
-        # corrects the logits.
+        # unit-norm prototypes make the logits cosine similarities; iBOT-vMF frees g, corrects them
         for layer in (self.last_layer, self.last_layer2):
             layer.weight_g.requires_grad = not norm_last_layer
 
@@ -250,10 +215,9 @@ class iBOTHead(nn.Module):
 
     def forward(self, x, patch_mask=None):
         """(B, D) [CLS] features -> (B, K) logits; (B, 1 + N, D) tokens -> ((B, K), (B, N, K2)).
-        With patch_mask (B, N), only those patch tokens are scored and the other patch logits are 0:
-        the patch loss reads masked tokens only, so the student skips most of the head's work and
-        the loss and gradients stay exactly those of scoring every token. Pass the mask on the CPU
-        (as the data loader makes it): finding its tokens there needs no wait for the GPU."""
+        With patch_mask (B, N), only those patch tokens are scored, the other patch logits are 0:
+        the patch loss reads masked tokens only, so the student skips most of the head's work for
+        the exact loss and gradients. A CPU mask (as loaded) is read with no wait for the GPU."""
         if x.ndim == 2:
             return self.last_layer(self.project(x))
         if patch_mask is None:
@@ -264,14 +228,12 @@ class iBOTHead(nn.Module):
         y = self.project(torch.cat([x[:, 0], x[:, 1:][rows, cols]]))  # (B + masked, bottleneck)
         scored = self.last_layer2(y[B:])  # (masked tokens, K2)
         patch = scored.new_zeros(*patch_mask.shape, scored.shape[-1])
-        patch = patch.index_put((rows, cols), scored)
-        return self.last_layer(y[:B]), patch
+        return self.last_layer(y[:B]), patch.index_put((rows, cols), scored)
 
     def prototype_layers(self):
         """{name: layer} of the distinct last layers: one when shared, two otherwise."""
-        if self.last_layer2 is self.last_layer:
-            return {"last_layer": self.last_layer}
-        return {"last_layer": self.last_layer, "last_layer2": self.last_layer2}
+        layers = {"last_layer": self.last_layer, "last_layer2": self.last_layer2}
+        return {"last_layer": self.last_layer} if self.last_layer2 is self.last_layer else layers
 
 
 class MultiCropWrapper(nn.Module):
@@ -295,13 +257,11 @@ class MultiCropWrapper(nn.Module):
                                        group_mask))
         if patch_mask is not None:
             patch_mask = torch.cat(list(patch_mask)).flatten(1)  # (n_crops * B, N)
-            return self.head(torch.cat(feats), patch_mask)
-        return self.head(torch.cat(feats))  # crop-major: crop 0's batch first
+        return self.head(torch.cat(feats), patch_mask)  # crop-major: crop 0's batch first
 
 
 def build_models(args):
-    """Student and teacher of the same architecture; only the student has stochastic depth and the
-    mask token."""
+    """Student and teacher of one architecture; only the student has drop paths and a mask token."""
     backbone = partial(ARCHS[args.arch], patch_size=args.patch_size,
                        img_size=args.global_crops_size, return_all_tokens=True)
     student = backbone(drop_path_rate=args.drop_path,
@@ -314,9 +274,7 @@ def build_models(args):
             MultiCropWrapper(teacher, head(shared_head=args.shared_head_teacher)))
 
 
-# ==============================================================================================
-# 2. Crops (multi-crop) and block masks
-# ==============================================================================================
+# ==== 2. Crops (multi-crop) and block masks ===================================================
 class GaussianBlur:
     """Blur with probability p and a random radius (PIL), as the official recipe."""
 
@@ -362,12 +320,11 @@ class DataAugmentationiBOT:
 
 
 def block_mask(H, W, num_masked, log_aspect_ratio, rng):
-    """A (H, W) boolean mask of at most num_masked patches made of rectangles (BEiT, Bao et al.
-    2022): masking whole blocks, not scattered patches, keeps the task from being solved by copying
-    a neighbour. Each block's area is drawn from [(min(H, W) // 3)^2, patches still to mask] (16
-    on 14 x 14), its aspect ratio log-uniformly; a block must add at least one new patch and may
-    not overshoot. After 10 failed draws in a row the mask is returned as it is, so it usually ends
-    a little short (about 57 of 59 patches at ratio 0.3 on 14 x 14)."""
+    """A (H, W) boolean mask of at most num_masked patches in rectangles (BEiT, Bao et al. 2022):
+    whole blocks, not scattered patches, keep the task from being solved by copying a neighbour.
+    Each block's area is drawn from [(min(H, W) // 3)^2, patches left] (16 on 14 x 14), its aspect
+    ratio log-uniformly; it must add a new patch and not overshoot. After 10 failed draws in a row
+    the mask is returned, usually a little short (about 57 of 59 patches at 0.3 on 14 x 14)."""
     mask = np.zeros((H, W), dtype=bool)
     count, min_area = 0, (min(H, W) // 3) ** 2
     while count < num_masked:
@@ -432,9 +389,7 @@ class MaskedCrops(torch.utils.data.Dataset):
         return crops, target, masks
 
 
-# ==============================================================================================
-# 3. The loss: iBOTLoss, with iBOT-vMF's normalizer and probability centring
-# ==============================================================================================
+# ==== 3. The loss: iBOTLoss, with iBOT-vMF's normalizer and probability centring ==============
 def vmf_log_normalizer(kappa, p):
     """log C_p(kappa) of a von Mises-Fisher density on the unit sphere in R^p, up to a constant:
     C_p(kappa) = kappa^(p/2-1) / ((2 pi)^(p/2) I_(p/2-1)(kappa)). The Bessel function overflows for
@@ -459,16 +414,13 @@ class iBOTLoss(nn.Module):
     """iBOT's two terms, L_[CLS] (lambda1) and L_MIM (lambda2), as in the module docstring: the
     patch cross-entropy is averaged over the masked tokens of each image, then over images (an
     image without masked tokens adds 0); the patch centre averages all tokens.
-
     With vmf_dim = p (iBOT-vMF), pass the prototype norms of both last layers: each logit gains
     log C_p(kappa_k), kappa_k = ||w_k|| / tau, and the teacher is centred in probability space:
     the centres are running means of teacher probabilities and the target is softmax(logits / tau -
-    log c), i.e. q_k / c_k renormalized. The exact centring of the paper is not public in a form we
-    could check; this is our reading. The centres are floored at the smallest normal float: that of
-    a prototype that is never picked shrinks by the momentum each step, into denormals, and to 0
-    where they are flushed (as on many accelerators), which makes log c = -inf and the targets NaN.
-    While c_k is a normal float the floor changes nothing: the targets stay q_k / c_k.
-    """
+    log c), i.e. q_k / c_k renormalized (our reading: the paper's exact centring is not public in a
+    form we could check). The centres are floored at the smallest normal float: that of a prototype
+    never picked shrinks by the momentum each step, into denormals, and to 0 where they are flushed
+    (as on many accelerators): log c = -inf, NaN targets. Above the floor targets stay q_k / c_k."""
 
     def __init__(self, out_dim, patch_out_dim, ngcrops, nlcrops, warmup_teacher_temp, teacher_temp,
                  warmup_teacher_temp2, teacher_temp2, warmup_teacher_temp_epochs, nepochs,
@@ -478,8 +430,7 @@ class iBOTLoss(nn.Module):
         self.student_temp, self.ngcrops, self.ncrops = student_temp, ngcrops, ngcrops + nlcrops
         self.center_momentum, self.center_momentum2 = center_momentum, center_momentum2
         self.lambda1, self.lambda2, self.vmf_dim = lambda1, lambda2, vmf_dim
-        # a probability centre starts uniform, a logit centre at zero
-        start = (lambda k: 1.0 / k) if vmf_dim else (lambda k: 0.0)
+        start = (lambda k: 1.0 / k) if vmf_dim else (lambda k: 0.0)  # uniform probs, zero logits
         self.register_buffer("center", torch.full((1, out_dim), start(out_dim)))
         self.register_buffer("center2", torch.full((1, 1, patch_out_dim), start(patch_out_dim)))
         # A low teacher temperature from the start can make training unstable: warm it up linearly.
@@ -491,8 +442,8 @@ class iBOTLoss(nn.Module):
             mim_start_epoch)
 
     def teacher_targets(self, logits, center, temp, norms):
-        """Centred, sharpened teacher probabilities, and what its centre averages (logits, or
-        probabilities for iBOT-vMF)."""
+        """Centred, sharpened teacher probabilities, and what the centre averages: logits (vMF:
+        probabilities)."""
         logits = logits.float().detach()
         if self.vmf_dim:
             logits = logits / temp + vmf_log_normalizer(norms.detach() / temp, self.vmf_dim)
@@ -523,8 +474,7 @@ class iBOTLoss(nn.Module):
         q_patch, patch_stat = self.teacher_targets(
             teacher_patch, self.center2, self.teacher_temp2_schedule[epoch], norms.get("t2"))
         q_cls, q_patch = q_cls.chunk(self.ngcrops), q_patch.chunk(self.ngcrops)
-        loss1 = loss2 = 0.0
-        n1 = n2 = 0
+        loss1 = loss2 = n1 = n2 = 0
         for q in range(self.ngcrops):
             for v in range(self.ncrops):
                 if v == q:  # same view: masked patch prediction
@@ -543,10 +493,9 @@ class iBOTLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_cls, teacher_patch):
         """EMA of the batch means over all processes: logits (iBOT), probabilities (iBOT-vMF)."""
-        # one all-reduce for both centres
         batch = torch.cat([teacher_cls.sum(dim=0), teacher_patch.mean(dim=1).sum(dim=0)])
         world = 1
-        if dist.is_available() and dist.is_initialized():
+        if dist.is_available() and dist.is_initialized():  # one all-reduce for both centres
             dist.all_reduce(batch)
             world = dist.get_world_size()
         batch = batch / (len(teacher_cls) * world)
@@ -558,23 +507,19 @@ class iBOTLoss(nn.Module):
             self.center, self.center2 = self.center.clamp_min(tiny), self.center2.clamp_min(tiny)
 
 
-# ==============================================================================================
-# 4. The training step: schedules, optimizer groups, clipping, the EMA teacher
-# ==============================================================================================
+# ==== 4. The training step: schedules, optimizer groups, clipping, the EMA teacher ============
 def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0,
                      start_warmup_value=0):
     """One value per iteration: linear warm-up, then half a cosine from base_value to final_value"""
     warmup = np.linspace(start_warmup_value, base_value, warmup_epochs * niter_per_ep)
     iters = np.arange(epochs * niter_per_ep - len(warmup))
     cosine = 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
-    cosine = final_value + cosine
-    return np.concatenate((warmup, cosine))
+    return np.concatenate((warmup, final_value + cosine))
 
 
 def get_params_groups(model, weight_decay_last_layer=None):
-    """No weight decay on biases and norm parameters (1-D tensors), as the official code; with
-    weight_decay_last_layer, the prototypes' weights (last_layer, last_layer2) form a third group,
-    whose decay train_one_epoch sets each step."""
+    """No weight decay on biases and norm parameters (1-D), as official; weight_decay_last_layer
+    puts the prototypes (last_layer, last_layer2) in a third group with their own decay schedule."""
     regularized, not_regularized, prototypes = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -598,8 +543,7 @@ def clip_gradients(model, clip):
 
 
 def cancel_gradients_last_layer(epoch, model, freeze_last_layer):
-    """Keep the prototypes fixed during the first epochs: DINO (Sec. 3.1) finds it stabilizes
-    training."""
+    """Prototypes fixed during the first epochs: DINO (Sec. 3.1) finds it stabilizes training."""
     if epoch < freeze_last_layer:
         for name, p in model.named_parameters():
             if "last_layer" in name:
@@ -607,10 +551,9 @@ def cancel_gradients_last_layer(epoch, model, freeze_last_layer):
 
 
 def ema_pairs(student, teacher):
-    """Each teacher parameter and the student parameter of the same name. The student's mask token
-    has no twin; a shared last layer is found under both its names (state dicts list both), so a
-    shared and a separate head pair up whichever side shares. A shared teacher layer follows the
-    student's last_layer, as in main_ibot.py. A separate teacher last_layer2 follows a shared
+    """Each teacher parameter and the student parameter of the same name (state dicts list a shared
+    layer under both names; the student's mask token has no twin). A shared teacher layer follows
+    the student's last_layer, as in main_ibot.py. A separate teacher last_layer2 follows a shared
     student layer: main_ibot.py pairs by named_parameters(), which lists a shared layer once, so
     it never updates it and the teacher's patch prototypes stay at their start (our departure)."""
     student_params = student.state_dict(keep_vars=True)
@@ -643,9 +586,8 @@ def train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader, op
     # running sums of loss, cls term, patch term, KoLeo term, teacher entropy: no host sync per step
     sums = torch.zeros(5, device=device)
     usage = torch.zeros(args.out_dim, dtype=torch.long, device=device)
-    # A step whose loss is not finite changes nothing. A fused optimizer skips it on the device
-    # (found_inf, as GradScaler uses it) and the check is read every 20 steps, with no host sync;
-    # with another (the CPU's, where a read waits for nothing) the run stops before the update.
+    # A non-finite loss changes nothing: a fused optimizer skips the step on the device (found_inf,
+    # as GradScaler; read every 20 steps: no host sync); others (CPU: no wait) stop the run first.
     on_device = bool(optimizer.defaults.get("fused"))
     first_bad = torch.zeros(2, device=device)  # step and value of the first bad loss
     autocast = partial(torch.autocast, device.type, dtype=amp_dtype or torch.float32,
@@ -672,16 +614,14 @@ def train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader, op
             centers = ibot_loss.center, ibot_loss.center2
             losses = ibot_loss(student_output, teacher_output, student_local_cls, masks, epoch,
                                norms)
-            koleo = torch.zeros((), device=device)
-            if args.koleo > 0:  # each distinct set of prototypes is kept apart on its own
-                koleo = sum(koleo_proto.koleo_proto_loss(p.weight) for p in prototype_layers)
+            koleo = sum(koleo_proto.koleo_proto_loss(p.weight) for p in prototype_layers) \
+                if args.koleo > 0 else torch.zeros((), device=device)  # each last layer on its own
             total = losses["loss"] + args.koleo * koleo
-        finite = all_finite(total)
-        # a bad step changes neither centre
+        finite = koleo_proto.all_finite(total)  # a bad step changes neither centre
         ibot_loss.center = torch.where(finite, ibot_loss.center, centers[0])
         ibot_loss.center2 = torch.where(finite, ibot_loss.center2, centers[1])
         if not on_device and not finite:
-            raise diverged(total.item(), epoch, i + 1)
+            raise koleo_proto.diverged(total.item(), epoch, i + 1)
         if on_device:
             new = torch.stack([torch.where(finite, 0.0, i + 1.0), total.detach().float()])
             first_bad = torch.where(first_bad[0] > 0, first_bad, new)  # no copy from the host
@@ -704,8 +644,8 @@ def train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader, op
             optimizer.step()
 
         with torch.no_grad():  # teacher = exponential moving average of the student
-            # torch._foreach_mul_/_add_ apply mul_/add_ to every tensor of a list in one fused
-            # kernel per step (as torch.optim's foreach mode), not one kernel per parameter
+            # torch._foreach_mul_/_add_ do `for t, s in zip(teacher, student): t.mul_(m).add_(s,
+            # alpha=1 - m)` in one fused kernel per step, as torch.optim's foreach mode does
             m = momentum_schedule[it]
             if on_device:  # a skipped step leaves the teacher as it is
                 m = torch.where(finite, m, 1.0)
@@ -723,7 +663,7 @@ def train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader, op
         if (i + 1) % 20 == 0 or i + 1 == len(loader):  # the only host sync: NaN check, the loss
             loss_sum, bad, value = torch.cat([sums[:1], first_bad]).tolist()
             if bad:
-                raise diverged(value, epoch, int(bad))
+                raise koleo_proto.diverged(value, epoch, int(bad))
             bar.set_postfix(loss=f"{loss_sum / (i + 1):.4f}")
     if dist.is_initialized():
         dist.all_reduce(sums)
@@ -737,49 +677,33 @@ def train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader, op
     return stats, usage
 
 
-def all_finite(loss):
-    """A device tensor: is the loss finite on every process (no host sync)."""
-    finite = torch.isfinite(loss.detach()).float()
-    if dist.is_initialized():  # gradients are averaged: one process's NaN would reach all
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return finite.bool()
-
-
-def diverged(value, epoch, step):
-    return BadInput(f"the loss became {value} at epoch {epoch + 1}, step {step}: training diverged."
-                    " Try a lower --lr, a smaller --clip_grad, --precision bf16 or fp32 instead of "
-                    "fp16, or a longer --warmup_teacher_temp_epochs; the last checkpoint in "
-                    "--output_dir is intact")
-
-
-# ==============================================================================================
-# 5. The training loop
-# ==============================================================================================
+# ==== 5. The training loop ====================================================================
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = init_distributed()
+    rank, world, device = koleo_proto.init_distributed()
     say = print if rank == 0 else (lambda *a, **k: None)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}.get(args.precision)
-    if args.precision == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        amp_dtype = torch.bfloat16 if bf16 else None
-    seed_everything(args.seed)
-    # data: the crops of each image, and a block mask per global crop
-    train_set, indices, masked_crops, sampler, loader_rng, loader = build_loader(args, world,
-                                                                                 device, say)
+    amp_dtype = koleo_proto.amp_dtype(args.precision, device)  # None: fp32
+    koleo_proto.seed_everything(args.seed)
+    # data: the crops of each image, and a block mask per global crop (made in the workers)
+    augment = DataAugmentationiBOT(args.global_crops_scale, args.local_crops_scale,
+                                   args.global_crops_number, args.local_crops_number,
+                                   args.global_crops_size, args.local_crops_size,
+                                   *koleo_proto.DATASETS[args.data])
+    train_set = koleo_proto.build_dataset(args, True, augment)
+    indices = koleo_proto.training_indices(args, train_set.targets)  # --long_tail, --subset
+    masked_crops = MaskedCrops(torch.utils.data.Subset(train_set, indices), args.patch_size,
+                               args.global_crops_number, args.pred_ratio, args.pred_ratio_var,
+                               args.pred_aspect_ratio, args.pred_shape, args.pred_start_epoch)
+    loader = koleo_proto.train_loader(args, masked_crops, train_set.targets, indices, world,
+                                      device, say)
     n_batches, total_batch = len(loader), args.batch_size_per_gpu * world
 
     # models, loss, optimizer
-    student, teacher = build_models(args)
-    student, teacher = student.to(device), teacher.to(device)
-    compile_models(args, student, teacher, say)
-    student_without_ddp = student
-    if world > 1:
-        student = nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None)
+    student, teacher = (m.to(device) for m in build_models(args))
+    koleo_proto.compile_models(args, student, teacher, say)
+    student_without_ddp, student = student, koleo_proto.ddp(student, device)
     init_teacher(student_without_ddp, teacher)
-    for p in teacher.parameters():
-        p.requires_grad = False  # no backpropagation through the teacher
+    teacher.requires_grad_(False)  # no backpropagation through the teacher
     say(describe_model(args, student_without_ddp))
     ibot_loss = iBOTLoss(args.out_dim, args.patch_out_dim, args.global_crops_number,
                          args.local_crops_number, args.warmup_teacher_temp, args.teacher_temp,
@@ -801,25 +725,20 @@ def main(argv=None):
         None if args.weight_decay_last_layer is None else  # the prototypes' own decay, if asked
         cosine_scheduler(args.weight_decay, args.weight_decay_last_layer, args.epochs, n_batches))
 
-    # an explicit --resume, else the run already in output_dir (nothing is overwritten)
-    run_state = resume_run(args, rank, student_without_ddp, teacher, optimizer, ibot_loss, scaler,
-                           say)
-    if run_state["knn_top1_init"] is None and run_state["epoch"] == 0:  # the baseline of the run
-        run_state["knn_top1_init"] = knn_eval(args, teacher, indices, device, amp_dtype,
-                                              pixels=False)["knn_top1"]
-        say(f"kNN top-1 of the untrained teacher: {format_percent(run_state['knn_top1_init'])}")
-        teacher.train()  # as before the evaluation: the teacher trains in training mode
+    run_state = koleo_proto.resume_run(args, rank, load_checkpoint, SHAPE_FLAGS,
+                                       student_without_ddp, teacher, optimizer,
+                                       {"ibot_loss": ibot_loss, "fp16_scaler": scaler}, say)
+    eval_sets = koleo_proto.eval_datasets(args)
+    knn = partial(koleo_proto.knn_eval, args, teacher, eval_sets, indices, device, amp_dtype,
+                  return_all_tokens=False)  # on the teacher's [CLS] token
+    if not run_state["resumed"]:  # the baseline the training must beat: the untrained teacher
+        run_state["knn_top1_init"] = knn(pixels=False)["knn_top1"]
+        if run_state["knn_top1_init"] is not None:
+            say(f"kNN top-1 of the untrained teacher: {run_state['knn_top1_init']:.2f}%")
 
     for epoch in range(run_state["epoch"], args.epochs):
-        # Reseeding from (seed, epoch, rank) makes a resumed run draw the same crops, masks and
-        # drop paths.
-        seed_everything(args.seed + 1000 * epoch + rank)
-        loader_rng.manual_seed(args.seed + 1000 * epoch + rank)
-        masked_crops.set_epoch(epoch)
-        if world > 1:
-            sampler.set_epoch(epoch)
-        else:
-            sampler.generator.manual_seed(args.seed + epoch)
+        koleo_proto.reseed(args, loader, epoch, rank)
+        masked_crops.set_epoch(epoch)  # the masks too
         t0 = time.time()
         stats, usage = train_one_epoch(student, teacher, student_without_ddp, ibot_loss, loader,
                                        optimizer, schedules, epoch, scaler, amp_dtype, args, device,
@@ -827,89 +746,85 @@ def main(argv=None):
         elapsed = time.time() - t0
         run_state.update(epoch=epoch + 1, seconds=run_state["seconds"] + elapsed)
         if rank == 0:
-            stats["images_per_s"] = n_batches * total_batch / elapsed
-            end_of_epoch(args, run_state, stats, usage, student_without_ddp, teacher, optimizer,
+            stats = dict(epoch=epoch + 1, **stats, images_per_s=n_batches * total_batch / elapsed,
+                         **prototype_stats(teacher, student_without_ddp, usage),
+                         seconds=run_state["seconds"])
+            end_of_epoch(args, run_state, stats, student_without_ddp, teacher, optimizer,
                          ibot_loss, scaler, say)
 
     # evaluation: kNN on teacher CLS features, raw-pixel kNN on the same split, collapse
-    summary = knn_eval(args, teacher, indices, device, amp_dtype)
+    summary = knn()
     if rank == 0:
-        write_summary(args, summary, run_state, indices, student_without_ddp, teacher, say)
+        koleo_proto.write_summary(args, summary, run_state, len(indices),
+                                  prototype_stats(teacher, student_without_ddp), say)
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 # ##############################################################################################
 #                          A FIRST READING CAN STOP HERE: THE METHOD ENDS.
-#   Below is plumbing: flags and presets, checks of the arguments, data sets and loaders,
-#   checkpoints and resuming, the distributed set-up, kNN evaluation, logging, errors.
+#   Below: flags, presets and their checks, checkpoints and logs; the rest is koleo_proto.py's.
 # ##############################################################################################
-
-# ---------------------------------------------------------------------------------- flags, presets
 # Every flag a preset may set: name -> (official default of main_ibot.py, meaning). The type on
 # the command line follows the default's (a 2-tuple: two floats; a list: one or more).
 FLAGS = dict(
-    arch=("vit_small", "backbone"),
-    patch_size=(16, "ViT patch size in pixels"),
-    out_dim=(8192, "number of [CLS] prototypes K (rows of the head's last layer)"),
-    patch_out_dim=(8192, "number of patch prototypes (= out_dim when either head is shared)"),
-    shared_head=(False, "one last layer for the student's [CLS] and patch tokens"),
-    shared_head_teacher=(True, "the same for the teacher (true: its patch targets come from its "
-                         "[CLS] prototypes)"),
-    norm_last_layer=(True, "keep prototypes at unit norm (weight_g frozen at 1); --vmf sets false"),
+    arch=("vit_small", "backbone (names at the end)"),
+    patch_size=(16, "ViT patch side in pixels"),
+    out_dim=(8192, "[CLS] prototypes K: rows of the last layer"),
+    patch_out_dim=(8192, "patch prototypes (= out_dim if shared)"),
+    shared_head=(False, "one last layer for [CLS] and patch tokens"),
+    shared_head_teacher=(True, "the same for the teacher"),
+    norm_last_layer=(True, "unit-norm prototypes (--vmf: false)"),
     hidden_dim=(2048, "width of the head's hidden layers"),
-    bottleneck_dim=(256, "dimension of the L2-normalized bottleneck the prototypes live in"),
-    momentum_teacher=(0.996, "base EMA momentum of the teacher, cosine to 1"),
-    warmup_teacher_temp=(0.04, "[CLS] teacher temperature at the start of its warm-up"),
-    teacher_temp=(0.04, "[CLS] teacher temperature after warm-up (sharpening)"),
-    warmup_teacher_patch_temp=(0.04, "patch teacher temperature at the start of its warm-up"),
+    bottleneck_dim=(256, "L2-normalized bottleneck the prototypes live in"),
+    momentum_teacher=(0.996, "teacher EMA momentum, cosine to 1"),
+    warmup_teacher_temp=(0.04, "[CLS] teacher temperature, start of warm-up"),
+    teacher_temp=(0.04, "[CLS] teacher temperature after warm-up"),
+    warmup_teacher_patch_temp=(0.04, "patch teacher temperature, start of warm-up"),
     teacher_patch_temp=(0.07, "patch teacher temperature after warm-up"),
-    warmup_teacher_temp_epochs=(30, "epochs of linear teacher-temperature warm-up (both)"),
+    warmup_teacher_temp_epochs=(30, "epochs of teacher temperature warm-up (both)"),
     lambda1=(1.0, "weight of the [CLS] (DINO) term"),
     lambda2=(1.0, "weight of the masked-patch (MIM) term"),
-    pred_ratio=([0.3], "fraction of patches masked; several values: each image picks one"),
-    pred_ratio_var=([0.0], "the fraction is U(r - var, r + var), one var per --pred_ratio"),
-    pred_aspect_ratio=((0.3, 1 / 0.3), "range of mask-block aspect ratios (drawn log-uniformly)"),
+    pred_ratio=([0.3], "fractions masked (each image picks one)"),
+    pred_ratio_var=([0.0], "U(r - var, r + var), one var per ratio"),
+    pred_aspect_ratio=((0.3, 1 / 0.3), "mask-block aspect ratios, log-uniform"),
     pred_shape=("block", "mask shape: BEiT-style blocks or random patches"),
     pred_start_epoch=(0, "epoch from which patches are masked"),
     weight_decay=(0.04, "initial weight decay, cosine to --weight_decay_end"),
     weight_decay_end=(0.4, "final weight decay"),
-    weight_decay_last_layer=(None, "final weight decay of the prototypes alone, their own cosine "
-                             "from --weight_decay (None: the schedule above, as official)"),
+    weight_decay_last_layer=(None, "prototypes' own final weight decay (None: as the rest)"),
     clip_grad=(3.0, "max gradient norm per parameter tensor (0 = off)"),
-    batch_size_per_gpu=(128, "images per process and step (each gives global + local crops)"),
+    batch_size_per_gpu=(128, "images per process and step"),
     epochs=(100, "training epochs"),
     freeze_last_layer=(1, "epochs during which the prototypes get no update"),
-    lr=(0.0005, "peak learning rate at batch 256 (scaled linearly with the total batch)"),
-    warmup_epochs=(10, "epochs of linear learning-rate warm-up"),
-    min_lr=(1e-6, "learning rate at the end of the cosine schedule"),
-    optimizer=("adamw", "optimizer"),
-    drop_path=(0.1, "stochastic depth rate of the student (dino.py: --drop_path_rate)"),
-    global_crops_number=(2, "number of global crops (seen by the teacher, masked for the student)"),
+    lr=(0.0005, "peak lr per 256 images of the total batch"),
+    warmup_epochs=(10, "epochs of linear lr warm-up"),
+    min_lr=(1e-6, "lr at the end of the cosine schedule"),
+    optimizer=("adamw", "adamw or sgd"),
+    drop_path=(0.1, "student's drop-path rate (= --drop_path_rate)"),
+    global_crops_number=(2, "global crops (teacher's, masked for the student)"),
     global_crops_scale=((0.14, 1.0), "area range of the global crops"),
-    local_crops_number=(0, "number of local crops (0 = no multi-crop)"),
+    local_crops_number=(0, "local crops per image (0 = no multi-crop)"),
     local_crops_scale=((0.05, 0.4), "area range of the local crops"),
     global_crops_size=(224, "side of the global crops in pixels"),
     local_crops_size=(96, "side of the local crops in pixels"),
-    saveckp_freq=(40, "also keep checkpointNNNN.pth every this many epochs"),
+    saveckp_freq=(40, "also keep checkpointNNNN.pth every N epochs"),
     num_workers=(10, "data-loading processes per training process"))
 OFFICIAL = {name: default for name, (default, _) in FLAGS.items()}
 CHOICES = dict(arch=ARCHS, pred_shape=["block", "rand"], optimizer=["adamw", "sgd"])
 
-# What `python ibot.py` runs (--data fashion-mnist, the bundled sample), where it departs from the
-# official values above; it fits in minutes on 2 CPU cores. Small images need small crops: a
-# 28 px image upsampled to 224 px costs 64x the compute and adds no information, so the global
-# crops keep the native size, the local crops are half of it and the patches shrink with the
-# image (a 4 x 4 grid of 7 px patches). So that 4 epochs visibly learn (the teacher's kNN 6.5
-# points over its untrained self, 5.7 with --seed 1; docs/benchmarks.md): a head 4x narrower
-# than the official one (a quarter of the step saved), batch 32 with 2 local crops, a sharper
-# teacher (0.02), prototypes free from the first step and a faster teacher (momentum 0.98). The
-# ViT-S/16 recipe's head and masks (below).
+# What `python ibot.py` runs (--data fashion-mnist, the bundled sample) where it departs from the
+# official values, in minutes on 2 CPU cores. Small images need small crops: a 28 px image upsampled
+# to 224 px costs 64x the compute for no information, so the global crops keep the native size,
+# the local ones half of it, and the patches shrink with the image (4 x 4 patches of 7 px). So that
+# 4 epochs visibly learn (kNN 6.5 points over the untrained teacher, 5.7 with --seed 1;
+# docs/benchmarks.md): a head 4x narrower than official (a quarter of the step saved), batch 32
+# with 2 local crops, a sharper (0.02) and faster (momentum 0.98) teacher, prototypes free from
+# the first step; the ViT-S/16 recipe's head and masks (below).
 BUNDLED = dict(
     arch="vit_nano", patch_size=7, out_dim=1024, patch_out_dim=1024, hidden_dim=512,
     shared_head=True, norm_last_layer=False, momentum_teacher=0.98, warmup_teacher_temp=0.02,
-    teacher_temp=0.02,
-    warmup_teacher_temp_epochs=0, freeze_last_layer=0, pred_ratio=[0.0, 0.3],
+    teacher_temp=0.02, warmup_teacher_temp_epochs=0, freeze_last_layer=0, pred_ratio=[0.0, 0.3],
     pred_ratio_var=[0.0, 0.2], batch_size_per_gpu=32, epochs=4, lr=0.004, warmup_epochs=1,
     min_lr=1e-4, drop_path=0.0, global_crops_size=28, local_crops_size=14, local_crops_number=2,
     global_crops_scale=(0.5, 1.0), local_crops_scale=(0.15, 0.5), saveckp_freq=1, num_workers=2)
@@ -919,105 +834,45 @@ VIT_S16 = dict(teacher_temp=0.07, norm_last_layer=False, shared_head=True, local
                pred_ratio=[0.0, 0.3], pred_ratio_var=[0.0, 0.2], batch_size_per_gpu=64)
 SMALL_IMAGES = dict(VIT_S16, patch_size=4, drop_path=0.0, warmup_epochs=2, min_lr=1e-5,
                     saveckp_freq=5, warmup_teacher_temp_epochs=0)  # CIFAR, all of Fashion-MNIST
-PRESETS = {
-    "imagenet": VIT_S16,
-    "folder": VIT_S16,
-    "fashion-mnist": BUNDLED,
-    "fashion-mnist-full": dict(SMALL_IMAGES, arch="vit_tiny", out_dim=4096, patch_out_dim=4096,
-                               epochs=100, lr=0.001, global_crops_size=28, local_crops_size=12,
-                               global_crops_scale=(0.5, 1.0), local_crops_scale=(0.15, 0.5),
-                               num_workers=4),
-    "cifar10": dict(SMALL_IMAGES, out_dim=8192, epochs=200, lr=0.001, global_crops_size=32,
-                    local_crops_size=16, global_crops_scale=(0.3, 1.0),
-                    local_crops_scale=(0.1, 0.4), num_workers=8),
-}
+PRESETS = {"imagenet": VIT_S16, "folder": VIT_S16, "fashion-mnist": BUNDLED,
+           "fashion-mnist-full": dict(SMALL_IMAGES, arch="vit_tiny", out_dim=4096, epochs=100,
+                                      patch_out_dim=4096, lr=0.001, global_crops_size=28,
+                                      local_crops_size=12, global_crops_scale=(0.5, 1.0),
+                                      local_crops_scale=(0.15, 0.5), num_workers=4),
+           "cifar10": dict(SMALL_IMAGES, out_dim=8192, epochs=200, lr=0.001, global_crops_size=32,
+                           local_crops_size=16, global_crops_scale=(0.3, 1.0),
+                           local_crops_scale=(0.1, 0.4), num_workers=8)}
 PRESETS["cifar100"] = PRESETS["cifar10"]
 
 
-def bool_flag(s):
-    if s.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-        return s.lower() in ("true", "1", "yes", "on")
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints the whole usage first; one line is enough
-        sys.exit(f"{self.prog}: error: {message} (see python {self.prog} --help)")
-
-
 def get_args_parser():
-    # one line per flag, nothing wrapped; the description and the epilog keep their line breaks
-    formatter = partial(argparse.RawDescriptionHelpFormatter, max_help_position=38, width=1000)
-    presets = "\n".join(f"  {k}: {v}" for k, v in PRESETS.items() if v is not BUNDLED)
-    p = OneLineParser("ibot.py", usage="%(prog)s [flags]", formatter_class=formatter,
-                      epilog="other presets:\n" + presets,
-                      description="iBOT / iBOT-vMF with KoLeo-Proto. Defaults are those of the "
-                      "bundled-data run (--data fashion-mnist);\nanother --data (or --preset) "
-                      "takes its preset, listed at the end, and the official value elsewhere.")
+    p = koleo_proto.method_parser("ibot.py", "iBOT / iBOT-vMF with KoLeo-Proto", "main_ibot.py",
+                                  ARCHS, PRESETS)
     metavars = {bool: "BOOL", int: "N", float: "X", str: "NAME", type(None): "X"}
-    for name, (official, meaning) in FLAGS.items():
-        ours = BUNDLED.get(name, official)
+    for name, (official, meaning) in FLAGS.items():  # default None: the preset's, else official
         kind = type(official[0] if isinstance(official, (list, tuple)) else official)
-        note = f"{ours}" + ("" if ours == official else f"; official {official}")
-        p.add_argument(f"--{name}", *(["--drop_path_rate"] if name == "drop_path" else []),
-                       default=None, help=f"{meaning} [default: {note}]",
-                       type={bool: bool_flag, type(None): float}.get(kind, kind),
-                       nargs={list: "+", tuple: 2}.get(type(official)), choices=CHOICES.get(name),
-                       metavar=metavars[kind])
-
-    def add(name, help, **kw):
-        default = "" if kw.get("default") is None else f" [default: {kw['default']}]"
-        p.add_argument(name, help=help + default, **kw)
-    add("--use_masked_im_modeling", "replace masked patches by the mask token in the student "
-        "(false: the patch term sees the full crop)", type=bool_flag, default=True, metavar="BOOL")
-    add("--data", f"dataset: {', '.join(DATASETS)}", default="fashion-mnist",
-        choices=list(DATASETS), metavar="NAME")
-    add("--data_path", "dataset folder (imagenet/folder: with train/ and val/)", metavar="PATH")
-    add("--preset", f"preset to use (default: that of --data): {', '.join(PRESETS)}",
-        choices=list(PRESETS), metavar="NAME")
-    add("--long_tail", "subsample training classes to an exponential profile with imbalance "
-        "ratio RHO", type=float, metavar="RHO")
-    add("--koleo", "weight of KoLeo-Proto on the prototypes of each last layer (0 = off)",
-        type=float, default=0.0, metavar="LAMBDA")
-    add("--vmf", "iBOT-vMF: unnormalized prototypes, vMF normalizer, probability centring",
-        action="store_true")
-    add("--precision", "autocast dtype: auto (bf16 on a GPU that has it, else fp32), bf16, fp16, "
-        "fp32; replaces --use_fp16", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-        metavar="NAME")
-    add("--compile", "torch.compile student and teacher with BACKEND (alone: inductor; default "
-        "off): the first steps compile, later ones run faster", nargs="?", const="inductor",
-        metavar="BACKEND")
-    add("--output_dir", "where checkpoints and logs go (default runs/ibot-<data>)", metavar="PATH")
-    add("--resume", "checkpoint to continue from (default: output_dir/checkpoint.pth if any)",
-        metavar="PATH")
-    add("--subset", "use N training and N test images, a seeded sample keeping the class shares "
-        "(quick checks)", type=int, metavar="N")
-    add("--seed", "random seed", type=int, default=0, metavar="N")
-    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # old launchers
+        ours, theirs = (koleo_proto.show(v) for v in (BUNDLED.get(name, official), official))
+        default = ours if ours == theirs else f"{ours}; official {theirs}"
+        p.add_argument(f"--{name}", help=f"{meaning} [{default}]", metavar=metavars[kind],
+                       type={bool: koleo_proto.bool_flag, type(None): float}.get(kind, kind),
+                       nargs={list: "+", tuple: 2}.get(type(official)), choices=CHOICES.get(name))
+    p.add_argument("--drop_path_rate", dest="drop_path", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--use_masked_im_modeling", type=koleo_proto.bool_flag, default=True,
+                   metavar="BOOL", help="mask token on the student's masked patches")
+    p.add_argument("--vmf", action="store_true",
+                   help="iBOT-vMF: vMF normalizer, probability centring")
+    koleo_proto.add_run_flags(p, PRESETS)  # --data, --koleo, --output_dir, --resume, --seed, ...
     return p
 
 
 def parse_args(argv=None):
     args = get_args_parser().parse_args(argv)
-    preset = PRESETS.get(args.preset or args.data, {})
-    unset = [name for name in OFFICIAL if getattr(args, name) is None]
-    for name in unset:
-        setattr(args, name, preset.get(name, OFFICIAL[name]))
-    room = dict(warmup_epochs=args.epochs,
-                warmup_teacher_temp_epochs=args.epochs - args.pred_start_epoch)
-    for name, most in room.items():  # a warm-up not asked for fits
-        if name in unset and getattr(args, name) > most >= 0:
-            if os.environ.get("RANK", "0") == "0":
-                print(f"--{name} {getattr(args, name)} of the preset shortened to {most} "
-                      f"to fit --epochs {args.epochs}")
-            setattr(args, name, most)
-    if args.vmf:
-        args.norm_last_layer = False  # vMF components need free norms: kappa_k = ||w_k|| / tau
+    koleo_proto.fill_defaults(args, OFFICIAL, PRESETS, "ibot", lambda a: dict(
+        warmup_epochs=a.epochs, warmup_teacher_temp_epochs=a.epochs - a.pred_start_epoch))
     if args.shared_head or args.shared_head_teacher:
         args.patch_out_dim = args.out_dim  # one set of prototypes serves both tokens on one side
     if len(args.pred_ratio_var) == 1:
         args.pred_ratio_var = args.pred_ratio_var * len(args.pred_ratio)
-    args.output_dir = args.output_dir or os.path.join("runs", f"ibot-{args.preset or args.data}")
     check_args(args)
     return args
 
@@ -1025,18 +880,11 @@ def parse_args(argv=None):
 def check_args(a):
     pairs = list(zip(a.pred_ratio, a.pred_ratio_var))
     temps = a.teacher_temp, a.warmup_teacher_temp, a.teacher_patch_temp, a.warmup_teacher_patch_temp
-    problems = [
+    koleo_proto.check_run_args(a, [  # iBOT's own checks, then those shared with dino.py
         (min(a.out_dim, a.patch_out_dim) < 2, "--out_dim and --patch_out_dim need 2 prototypes"),
-        (a.bottleneck_dim < 2, "--bottleneck_dim must be at least 2"),
-        (a.hidden_dim < 1, "--hidden_dim must be at least 1"),
-        (a.batch_size_per_gpu < 1, f"--batch_size_per_gpu {a.batch_size_per_gpu}: must be >= 1"),
-        (a.epochs < 1, "--epochs must be at least 1"),
-        (not 0 <= a.warmup_epochs <= a.epochs,
-         f"--warmup_epochs {a.warmup_epochs} must lie in [0, --epochs {a.epochs}]"),
         (a.global_crops_number < 1, "--global_crops_number must be at least 1"),
         (a.global_crops_number + a.local_crops_number < 2,
          "iBOT needs at least 2 crops: raise --local_crops_number"),
-        (a.local_crops_number < 0, "--local_crops_number cannot be negative"),
         (not 0 <= a.warmup_teacher_temp_epochs + a.pred_start_epoch <= a.epochs,
          f"--warmup_teacher_temp_epochs {a.warmup_teacher_temp_epochs} (+ --pred_start_epoch "
          f"{a.pred_start_epoch}) must lie in [0, --epochs {a.epochs}]"),
@@ -1048,448 +896,32 @@ def check_args(a):
         (not 0 < a.pred_aspect_ratio[0] <= a.pred_aspect_ratio[1],
          "--pred_aspect_ratio needs 0 < low <= high"),
         (not 0 <= a.drop_path < 1, "--drop_path must lie in [0, 1)"),
-        (a.long_tail is not None and a.long_tail < 1,
-         "--long_tail RHO must be >= 1 (RHO = largest / smallest class)"),
-        (a.koleo < 0, "--koleo must be >= 0"),
-        (a.subset is not None and a.subset < 1, "--subset must be at least 1"),
-    ] + [(size < a.patch_size or size % a.patch_size,
-          f"--{flag} {size} is not a multiple of --patch_size {a.patch_size}")
-         for flag, size in (("global_crops_size", a.global_crops_size),
-                            ("local_crops_size", a.local_crops_size))]
-    for bad, message in problems:
-        if bad:
-            raise BadInput(message)
+    ])
 
 
-# --------------------------------------------------------------------------------- data sets
-# name: (mean, std) of the pixels, used to normalize them.
-DATASETS = {
-    "fashion-mnist": ((0.2860,) * 3, (0.3530,) * 3),
-    "fashion-mnist-full": ((0.2860,) * 3, (0.3530,) * 3),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
+# ---------------- checkpoints (refused by name if trained with other weight-shaping flags), logs
+SHAPE_FLAGS = ("arch", "patch_size", "global_crops_size", "out_dim", "patch_out_dim", "shared_head",
+               "shared_head_teacher", "hidden_dim", "bottleneck_dim", "vmf", "norm_last_layer",
+               "use_masked_im_modeling")
 
 
-def read_idx(path):
-    """Read an IDX file (the MNIST format), gzipped or not, into a uint8 array."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-class ArrayDataset(torch.utils.data.Dataset):
-    """Grey images held in memory as a uint8 array (N, H, W)."""
-
-    def __init__(self, images, targets, transform):
-        self.images, self.targets, self.transform = images, [int(t) for t in targets], transform
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.transform(Image.fromarray(self.images[i]).convert("RGB")), self.targets[i]
-
-
-def pil_loader(path):
-    try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except (OSError, ValueError) as e:
-        raise BadInput(f"cannot read image {path} ({e.__class__.__name__}): remove or replace "
-                       "it") from None
-
-
-def fashion_mnist(folder, train, transform):
-    split = "train" if train else "t10k"
-    files = [os.path.join(folder, f"{split}-{kind}-ubyte.gz")
-             for kind in ("images-idx3", "labels-idx1")]
-    files = [f if os.path.exists(f) else f[:-3] for f in files]  # gzipped or not
-    if not all(os.path.exists(f) for f in files):
-        raise BadInput(f"no Fashion-MNIST files ({split}-images-idx3-ubyte[.gz]) in {folder}: "
-                       "pass the folder that holds them with --data_path")
-    return ArrayDataset(read_idx(files[0]), read_idx(files[1]), transform)
-
-
-def image_folder(root, transform):
-    if not os.path.isdir(root):
-        raise BadInput(f"{root} is not a folder: --data_path needs train/ and val/ with one "
-                       "subfolder per class")
-    try:
-        return datasets.ImageFolder(root, transform, loader=pil_loader)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise BadInput(f"no images in {root} ({e}): expected one subfolder of images per "
-                       "class") from None
-
-
-def build_dataset(args, train, transform):
-    """The train or test split of --data, with .targets (one int label per image)."""
-    name, path = args.data, args.data_path
-    if name == "fashion-mnist":
-        return fashion_mnist(path or os.path.join(HERE, "data", "fashion-mnist-sample"), train,
-                             transform)
-    if name == "fashion-mnist-full":
-        debian = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
-        if path is None and os.path.isdir(debian):
-            return fashion_mnist(debian, train, transform)
-        ds = datasets.FashionMNIST(path or "data", train=train, download=True)
-        return ArrayDataset(ds.data.numpy(), ds.targets.tolist(), transform)
-    if name in ("cifar10", "cifar100"):
-        cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-        return cls(path or "data", train=train, transform=transform, download=True)
-    if path is None:
-        raise BadInput(f"--data {name} needs --data_path (a folder with train/ and val/, one "
-                       "subfolder per class)")
-    if name == "folder" and not os.path.isdir(os.path.join(path, "train")):
-        return image_folder(path, transform) if train else None  # a single tree: no kNN
-    return image_folder(os.path.join(path, "train" if train else "val"), transform)
-
-
-def long_tail_indices(targets, rho, seed):
-    """Exponential class profile of CIFAR-10-LT (Cao et al., 2019): the i-th class keeps
-    n_max * rho^(-i / (C - 1)) images, so the largest class has rho times the smallest."""
-    targets = np.asarray(targets)
-    classes, counts = np.unique(targets, return_counts=True)
-    rng = np.random.default_rng(seed)
-    keep = [rng.choice(np.flatnonzero(targets == c),
-                       max(1, int(counts.min() * rho ** (-i / max(1, len(classes) - 1)))),
-                       replace=False) for i, c in enumerate(classes)]
-    return np.sort(np.concatenate(keep))
-
-
-def balanced_subset(indices, targets, n, seed):
-    """n of the indices drawn at random (seeded), each class keeping its share of them (largest
-    remainder): the first n would be a few classes of a folder tree, which is sorted by class."""
-    indices = np.asarray(indices)
-    if n is None or n >= len(indices):
-        return indices
-    labels = np.asarray(targets)[indices]
-    classes, counts = np.unique(labels, return_counts=True)
-    quota = counts * n / len(indices)
-    take = np.floor(quota).astype(int)
-    take[np.argsort(take - quota, kind="stable")[:n - take.sum()]] += 1
-    rng = np.random.default_rng(seed)
-    keep = [rng.choice(indices[labels == c], k, replace=False) for c, k in zip(classes, take)]
-    return np.sort(np.concatenate(keep))
-
-
-def training_indices(args, targets):
-    """Which training images are used: --long_tail subsampling, then --subset."""
-    indices = np.arange(len(targets))
-    if args.long_tail:
-        indices = long_tail_indices(targets, args.long_tail, args.seed)
-    return balanced_subset(indices, targets, args.subset, args.seed)
-
-
-def build_loader(args, world, device, say):
-    """The training set, the indices used, the masked multi-crop set, its sampler, the generator
-    that seeds the workers (reset every epoch) and the loader."""
-    mean, std = DATASETS[args.data]
-    augment = DataAugmentationiBOT(args.global_crops_scale, args.local_crops_scale,
-                                   args.global_crops_number, args.local_crops_number,
-                                   args.global_crops_size, args.local_crops_size, mean, std)
-    train_set = build_dataset(args, True, augment)
-    indices = training_indices(args, train_set.targets)
-    if len(indices) // (args.batch_size_per_gpu * world) == 0:
-        raise BadInput(f"--batch_size_per_gpu {args.batch_size_per_gpu} x {world} processes "
-                       f"exceeds the {len(indices)} training images: lower it")
-    counts = np.bincount(np.asarray(train_set.targets)[indices])
-    say(f"data: {args.data}, {len(indices)} training images, {len(counts)} classes"
-        + (f" (--subset: drawn with --seed {args.seed}, class shares kept)" if args.subset else "")
-        + (f", long-tailed RHO={args.long_tail}: largest class {counts.max()}, smallest "
-           f"{counts.min()}" if args.long_tail else ""))
-    masked = MaskedCrops(torch.utils.data.Subset(train_set, indices), args.patch_size,
-                         args.global_crops_number, args.pred_ratio, args.pred_ratio_var,
-                         args.pred_aspect_ratio, args.pred_shape, args.pred_start_epoch)
-    if world > 1:
-        sampler = torch.utils.data.distributed.DistributedSampler(masked, shuffle=True,
-                                                                  seed=args.seed, drop_last=True)
-    else:
-        sampler = torch.utils.data.RandomSampler(masked, generator=torch.Generator())
-    rng = torch.Generator()
-    loader = torch.utils.data.DataLoader(
-        masked, sampler=sampler, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
-        drop_last=True, pin_memory=device.type == "cuda", generator=rng)
-    return train_set, indices, masked, sampler, rng, loader
-
-
-# ------------------------------------------------------------------------- checkpoints, resume
-def save_checkpoint(state, path):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:  # e.g. the disk filled up during the run
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise BadInput(f"cannot write {path} ({e.strerror or e}): free space there and rerun; "
-                       "the previous checkpoint is intact") from None
-
-
-def check_output_dir(path, checkpoint_bytes):
-    """Fail before the first step, not after an epoch, where no checkpoint can be written."""
-    probe = os.path.join(path, ".write_test")
-    try:
-        os.makedirs(path, exist_ok=True)
-        with open(probe, "wb") as f:
-            f.write(bytes(4096))
-            f.flush()
-            os.fsync(f.fileno())
-        os.remove(probe)
-        free = shutil.disk_usage(path).free
-    except OSError as e:
-        raise BadInput(f"cannot write to --output_dir {path} ({e.strerror or e}): "
-                       "pass a writable folder") from None
-    if free < checkpoint_bytes:
-        raise BadInput(f"--output_dir {path} has {free / 2**20:.0f} MB free, a checkpoint needs "
-                       f"~{checkpoint_bytes / 2**20:.0f} MB: free space or pass another folder")
-
-
-def safe_load(path):
-    """torch.load with weights_only=True (a pickle cannot run code); argparse.Namespace is allowed
-    because the official checkpoints store their arguments as one."""
-    if not os.path.isfile(path):
-        raise BadInput(f"no checkpoint at {path}")
-    allow = torch.serialization.safe_globals([argparse.Namespace]) \
-        if hasattr(torch.serialization, "safe_globals") else contextlib.nullcontext()  # torch 2.4
-    with warnings.catch_warnings(record=True) as caught:  # held back: a failed load is one line
-        warnings.simplefilter("always")
-        try:
-            with allow:
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise BadInput(f"{path} is not a checkpoint torch can load safely "
-                           f"({e.__class__.__name__}): pass a .pth written by ibot.py or the "
-                           "official iBOT") from None
-    for w in caught:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return ckpt
-
-
-def load_checkpoint(path):
-    """A training checkpoint: a dict with at least 'teacher' (the official layout)."""
-    ckpt = safe_load(path)
-    if not isinstance(ckpt, dict) or "teacher" not in ckpt:
-        raise BadInput(f"{path} holds no 'teacher' entry: not an iBOT training checkpoint")
-    saved = ckpt.get("args")  # written before --hidden_dim existed (ours or official): 2048 wide
-    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
-    if isinstance(saved, dict):
-        saved.setdefault("hidden_dim", OFFICIAL["hidden_dim"])
-    return ckpt
-
-
-def strip_prefix(state_dict, prefix="module."):
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
-
-
-def restore(ckpt, path, args, student, teacher, optimizer, ibot_loss, scaler):
-    """Load a training checkpoint; a different architecture is one clear line, not a key dump."""
-    saved = ckpt.get("args")
-    saved = vars(saved) if isinstance(saved, argparse.Namespace) else (saved or {})
-    # every flag that shapes the weights or the optimizer's parameter groups
-    for key in ("arch", "patch_size", "global_crops_size", "out_dim", "patch_out_dim",
-                "shared_head", "shared_head_teacher", "hidden_dim", "bottleneck_dim", "vmf",
-                "norm_last_layer", "use_masked_im_modeling", "optimizer",
-                "weight_decay_last_layer"):
-        if key in saved and saved[key] != getattr(args, key):
-            raise BadInput(f"{path} was trained with --{key} {saved[key]}, this run has "
-                           f"{getattr(args, key)}: pass the same --{key} or use another "
-                           "--output_dir")
-    try:
-        student.load_state_dict(strip_prefix(ckpt["student"]))
-        teacher.load_state_dict(strip_prefix(ckpt["teacher"]))
-        if "optimizer" in ckpt:
-            optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise BadInput(f"{path} does not fit this model ({first[:200]}): check "
-                       "--arch/--patch_size/--out_dim") from None
-    if "ibot_loss" in ckpt:
-        ibot_loss.load_state_dict(ckpt["ibot_loss"])
-    if scaler is not None and "fp16_scaler" in ckpt:
-        scaler.load_state_dict(ckpt["fp16_scaler"])
-    return int(ckpt.get("epoch", 0)), float(ckpt.get("seconds", 0.0))
-
-
-def resume_run(args, rank, student, teacher, optimizer, ibot_loss, scaler, say):
-    """{epoch, seconds, knn_top1_init} of the run to continue (zeros and None for a new run); on
-    rank 0, checks that output_dir can take a checkpoint and carries a continued run's log there."""
-    run_state = dict(epoch=0, seconds=0.0, knn_top1_init=None)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    resume = args.resume or (ckpt_path if os.path.isfile(ckpt_path) else None)
-    if resume:
-        ckpt = load_checkpoint(resume)
-        run_state["epoch"], run_state["seconds"] = restore(ckpt, resume, args, student, teacher,
-                                                           optimizer, ibot_loss, scaler)
-        run_state["knn_top1_init"] = ckpt.get("knn_top1_init")  # None in official checkpoints
-        say(f"resumed from {resume} at epoch {run_state['epoch']}")
-    log_path = os.path.join(args.output_dir, "log.txt")
-    if rank == 0:  # room for student, teacher and AdamW's two moments: four copies of the weights
-        check_output_dir(args.output_dir, 4 * sum(p.numel() * p.element_size()
-                                                  for p in student.parameters()))
-        old_log = os.path.join(os.path.dirname(resume or ""), "log.txt")
-        if resume and not os.path.exists(log_path) and os.path.isfile(old_log):
-            # a run continued in a new output_dir keeps its checkpoint's history (log and plot)
-            with open(old_log) as f:
-                history = [line for line in f
-                           if line.strip() and json.loads(line)["epoch"] <= run_state["epoch"]]
-            with open(log_path, "w") as f:
-                f.writelines(history)
-    return run_state
-
-
-# ------------------------------------------------------------------- distributed set-up, models
-def init_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process."""
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def seed_everything(seed):  # Python's random draws the masks in the main process (no workers)
-    random.seed(seed), torch.manual_seed(seed), np.random.seed(seed % 2**32)
-
-
-def compile_models(args, student, teacher, say):
-    """--compile: in place, so that state dicts keep their keys (no _orig_mod. prefix)."""
-    if args.compile and not torch._dynamo.is_dynamo_supported():
-        say(f"--compile: no torch.compile with torch {torch.__version__} on Python "
-            f"{sys.version.split()[0]}: training uncompiled")
-    elif args.compile:
-        try:
-            student.compile(backend=args.compile), teacher.compile(backend=args.compile)
-        except Exception as e:  # an unknown backend fails here, before any compiling
-            raise BadInput(f"--compile {args.compile}: {str(e).splitlines()[0]}") from None
+def load_checkpoint(path):  # ours or official: a dict with at least 'teacher'
+    return koleo_proto.load_checkpoint(path, "iBOT", OFFICIAL["hidden_dim"])
 
 
 def describe_model(args, student):
-    heads = [f"{side} " + ("shared head" if shared else
-                           f"separate patch head ({args.patch_out_dim} prototypes)")
-             for side, shared in (("student", args.shared_head),
-                                  ("teacher", args.shared_head_teacher))]
-    koleo = "the shared last layer" if args.shared_head else \
-        "last_layer and last_layer2 (each its own term)"
+    heads = [f"{side}: {'shared' if shared else 'separate'} patch head" for side, shared in
+             (("student", args.shared_head), ("teacher", args.shared_head_teacher))]
     return (f"model: {args.arch}, {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M "
-            f"parameters, {args.out_dim} prototypes, {', '.join(heads)}"
-            + (", iBOT-vMF" if args.vmf else "")
-            + (f", KoLeo-Proto lambda={args.koleo} on {koleo}" if args.koleo else ""))
+            f"parameters, {args.out_dim} prototypes ({args.patch_out_dim} patch), "
+            + ", ".join(heads) + (", iBOT-vMF" if args.vmf else "")
+            + (f", KoLeo-Proto lambda={args.koleo} on each last layer" if args.koleo else ""))
 
 
-# ----------------------------------------- kNN evaluation on L2-normalized teacher features
-def eval_transform(args, mean, std):
-    """Deterministic view for kNN: the official Resize(256) + CenterCrop(224), scaled to the crop
-    size."""
-    size = args.global_crops_size
-    return transforms.Compose([
-        transforms.Resize(size * 256 // 224, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(size), transforms.ToTensor(), transforms.Normalize(mean, std)])
-
-
-@torch.no_grad()
-def knn_predict(train_features, train_labels, test_features, k=20, T=0.07, num_classes=None):
-    """(N, min(5, C)) most voted classes of each test sample, best first (Wu et al., 2018; DINO's
-    protocol). Each test sample takes its k most cosine-similar training samples; each votes for
-    its class with weight exp(similarity / T). Features must be L2-normalized. Chunked over test
-    samples: the similarities stay under ~256 MB."""
-    num_classes = num_classes or int(train_labels.max()) + 1
-    k = min(k, len(train_labels))
-    chunk = max(1, 2**26 // len(train_labels))
-    top = []
-    for feats in test_features.split(chunk):
-        sims, idx = (feats @ train_features.T).topk(k, dim=1)  # (b, k)
-        votes = torch.zeros(len(feats), num_classes, device=feats.device)
-        votes.scatter_add_(1, train_labels[idx], (sims / T).exp())  # (b, C)
-        top.append(votes.topk(min(5, num_classes), dim=1).indices)
-    return torch.cat(top)
-
-
-@torch.no_grad()
-def knn_classifier(train_features, train_labels, test_features, test_labels, k=20, T=0.07,
-                   num_classes=None):
-    """Top-1 and top-5 accuracy (percent) of knn_predict, for any number of test samples."""
-    num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
-    hits = knn_predict(train_features, train_labels, test_features, k, T, num_classes) \
-        == test_labels[:, None]
-    n = len(test_labels)
-    return 100.0 * hits[:, 0].sum().item() / n, 100.0 * hits.any(dim=1).sum().item() / n
-
-
-@torch.no_grad()
-def extract_features(model, dataset, args, device, amp_dtype, with_pixels=True):
-    """Features model(x) (B, D) of a dataset, in fp32, and its L2-normalized raw pixels (pooled to
-    at most 32 x 32). With several processes each takes every world-th image, then all gather."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
-    loader = torch.utils.data.DataLoader(shard, batch_size=256, num_workers=args.num_workers)
-    feats, pixels = [], []
-    for x, _ in tqdm(loader, desc="features", disable=rank != 0, leave=False):
-        x = x.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                            enabled=amp_dtype is not None):
-            feats.append(model(x).float())
-        if with_pixels:
-            pooled = F.adaptive_avg_pool2d(x, (min(32, x.shape[-2]), min(32, x.shape[-1])))
-            pixels.append(F.normalize(pooled.flatten(1), dim=1))
-    out = [torch.cat(feats)] + ([torch.cat(pixels)] if with_pixels else [])
-    if world > 1:  # shards differ by at most one image: pad, gather, interleave back
-        n = math.ceil(len(dataset) / world)
-        for i, t in enumerate(out):
-            padded = torch.cat([t, t.new_zeros(n - len(t), t.shape[1])])
-            parts = [torch.empty_like(padded) for _ in range(world)]
-            dist.all_gather(parts, padded)
-            out[i] = torch.stack(parts, dim=1).reshape(n * world, -1)[:len(dataset)]
-    return out
-
-
-def knn_eval(args, teacher, indices, device, amp_dtype, pixels=True):
-    """{knn_top1, knn_top5, raw_pixel_knn_top1} of the teacher's [CLS] features (k = 20,
-    T = 0.07), the training images of the run against the test split (--subset of it); the raw
-    pixels' on the same split with pixels. None for all without a test split."""
-    mean, std = DATASETS[args.data]
-    transform = eval_transform(args, mean, std)
-    train_eval, test_eval = (build_dataset(args, train, transform) for train in (True, False))
-    say = print if not dist.is_initialized() or dist.get_rank() == 0 else (lambda *a: None)
-    if test_eval is None:
-        say("kNN: skipped (no val/ split under --data_path)")
-        return dict(knn_top1=None, knn_top5=None, raw_pixel_knn_top1=None)
-    teacher.eval()
-    backbone = partial(teacher.backbone, return_all_tokens=False)  # the CLS token
-    test_indices = balanced_subset(range(len(test_eval)), test_eval.targets, args.subset, args.seed)
-    pixels = pixels and len(indices) <= 200_000  # raw pixels of ImageNet would not fit in memory
-    train_feats, *train_pixels = extract_features(
-        backbone, torch.utils.data.Subset(train_eval, indices), args, device, amp_dtype, pixels)
-    test_feats, *test_pixels = extract_features(
-        backbone, torch.utils.data.Subset(test_eval, test_indices), args, device, amp_dtype, pixels)
-    train_labels = torch.as_tensor(np.asarray(train_eval.targets)[indices], device=device)
-    test_labels = torch.as_tensor(np.asarray(test_eval.targets)[test_indices], device=device)
-    knn = partial(knn_classifier, k=20, T=0.07,
-                  num_classes=int(max(train_labels.max(), test_labels.max())) + 1)
-    top1, top5 = knn(F.normalize(train_feats, dim=1), train_labels, F.normalize(test_feats, dim=1),
-                     test_labels)
-    raw1 = knn(*train_pixels, train_labels, *test_pixels, test_labels)[0] if pixels else None
-    return dict(knn_top1=top1, knn_top5=top5, raw_pixel_knn_top1=raw1)
-
-
-# ----------------------------------------------------------------------------- logging, errors
 def prototype_stats(teacher, student, usage=None):
-    """Collapse figures of the teacher's prototypes (the paper's Sec. 4), per distinct last layer,
-    and the use of the [CLS] prototypes on the data. Keys of last_layer2 end in _patch. The
-    student's [CLS] prototypes too (keys ending in _student): the teacher is an EMA of the
-    student, so the student's prototypes show a collapse first."""
+    """Collapse figures (the paper's Sec. 4) of the teacher's prototypes, per distinct last layer
+    (keys of last_layer2 end in _patch), and their use on the data; those of the student's [CLS]
+    prototypes too (keys ending in _student): an EMA of the student, the teacher collapses later."""
     stats = koleo_proto.collapse_stats(student.head.last_layer.weight.detach(), "_student")
     for name, layer in teacher.head.prototype_layers().items():
         stats.update(koleo_proto.collapse_stats(layer.weight.detach(),
@@ -1499,86 +931,19 @@ def prototype_stats(teacher, student, usage=None):
     return stats
 
 
-def end_of_epoch(args, run_state, stats, usage, student, teacher, optimizer, ibot_loss, scaler,
-                 say):
-    """Rank 0: the checkpoint (official layout, plus seconds and knn_top1_init), log.txt, the plot
-    of the unique prototypes, and one line."""
-    epoch = run_state["epoch"]
-    stats = dict(epoch=epoch, **stats, **prototype_stats(teacher, student, usage),
-                 seconds=run_state["seconds"])
-    state = {"student": {"module." + k: v for k, v in student.state_dict().items()},
-             "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-             "args": args, "ibot_loss": ibot_loss.state_dict(), "seconds": run_state["seconds"],
-             "knn_top1_init": run_state["knn_top1_init"]}
-    if scaler is not None:
-        state["fp16_scaler"] = scaler.state_dict()
-    save_checkpoint(state, os.path.join(args.output_dir, "checkpoint.pth"))
-    if args.saveckp_freq and epoch % args.saveckp_freq == 0:
-        save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
-    log_path = os.path.join(args.output_dir, "log.txt")
-    with open(log_path, "a") as f:
-        f.write(json.dumps(stats) + "\n")
-    with open(log_path) as f:  # the whole run, resumed parts included
-        koleo_proto.plot_training([json.loads(line) for line in f], args.out_dim,
-                                  os.path.join(args.output_dir, "unique_prototypes.png"),
-                                  f"ibot.py --data {args.data}"
-                                  + (f" --koleo {args.koleo}" if args.koleo else ""))
+def end_of_epoch(args, run_state, stats, student, teacher, optimizer, ibot_loss, scaler, say):
+    """Rank 0: the checkpoint (official layout, + seconds, knn_top1_init), log.txt, plot, line."""
+    state = koleo_proto.training_state(args, run_state, student, teacher, optimizer, scaler,
+                                       ibot_loss=ibot_loss)
+    koleo_proto.save_epoch(args, state, stats, f"ibot.py --data {args.data}")
     patch = f" (patch {stats['unique_prototypes_patch']}/{args.patch_out_dim})" \
         if "unique_prototypes_patch" in stats else ""
-    say(f"epoch {epoch}/{args.epochs}  loss {stats['loss']:.4f} (cls {stats['loss_cls']:.4f}, "
-        f"patch {stats['loss_patch']:.4f})  unique prototypes {stats['unique_prototypes']}/"
-        f"{args.out_dim}{patch} (student {stats['unique_prototypes_student']})  used "
-        f"{stats['usage_used']}  teacher entropy {stats['teacher_entropy']:.2f}  "
-        f"{stats['images_per_s']:.0f} img/s")
-
-
-def format_percent(value):
-    return "n/a" if value is None else f"{value:.2f}%"
-
-
-def write_summary(args, summary, run_state, indices, student, teacher, say):
-    """summary.json: the kNN of the teacher before training and after, the raw pixels', the
-    unique prototypes, the time and the arguments; printed too."""
-    if summary["knn_top1"] is not None:
-        say(f"kNN top-1 (k=20, T=0.07, teacher CLS): {summary['knn_top1']:.2f}%  (top-5 "
-            f"{summary['knn_top5']:.2f}%)")
-        say("raw-pixel kNN top-1 on the same split: " + (
-            format_percent(summary["raw_pixel_knn_top1"]) if len(indices) <= 200_000
-            else "skipped (over 200k images)"))
-        say(f"kNN top-1: init {format_percent(run_state['knn_top1_init'])} -> trained "
-            f"{format_percent(summary['knn_top1'])}")
-    final = prototype_stats(teacher, student)
-    unique = final["unique_prototypes"]
-    summary.update(knn_top1_init=run_state["knn_top1_init"], unique_prototypes=unique,
-                   num_prototypes=args.out_dim,
-                   unique_prototypes_student=final["unique_prototypes_student"],
-                   unique_percent=100.0 * unique / args.out_dim, seconds=run_state["seconds"],
-                   train_images=len(indices), args=vars(args))
-    line = f"unique prototypes (eps 0.025): {unique} / {args.out_dim} " \
-        f"({summary['unique_percent']:.1f}%)"
-    if "unique_prototypes_patch" in final:
-        summary.update(unique_prototypes_patch=final["unique_prototypes_patch"],
-                       num_prototypes_patch=args.patch_out_dim)
-        line += f"; patch head {final['unique_prototypes_patch']} / {args.patch_out_dim}"
-    path = os.path.join(args.output_dir, "summary.json")
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=1, default=str)
-    say(line)
-    say(f"training time: {datetime.timedelta(seconds=round(run_state['seconds']))}; summary in "
-        f"{path}")
-
-
-def run(entry=main, prog="ibot.py"):
-    """Run entry(); bad input ends the program with one line and a non-zero status, no traceback."""
-    try:
-        entry()
-    except BadInput as e:  # raised in a data-loading worker, it arrives wrapped with a traceback
-        message = str(e).strip().splitlines()[-1].split("BadInput: ", 1)[-1]
-        sys.exit(f"{prog}: error: {message}")
-    except KeyboardInterrupt:
-        sys.exit(f"{prog}: interrupted (a training run continues from its last checkpoint when "
-                 "rerun)")
+    say(f"epoch {stats['epoch']}/{args.epochs}  loss {stats['loss']:.4f} (cls "
+        f"{stats['loss_cls']:.4f}, patch {stats['loss_patch']:.4f})  unique prototypes "
+        f"{stats['unique_prototypes']}/{args.out_dim}{patch} (student "
+        f"{stats['unique_prototypes_student']})  used {stats['usage_used']}  teacher entropy "
+        f"{stats['teacher_entropy']:.2f}  {stats['images_per_s']:.0f} img/s")
 
 
 if __name__ == "__main__":
-    run()
+    koleo_proto.run(main, "ibot.py")

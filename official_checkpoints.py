@@ -22,7 +22,7 @@ from collections import namedtuple
 import torch
 from tqdm import tqdm
 
-from dino import BadInput
+from koleo_proto import BadInput
 
 Release = namedtuple("Release", "url file model params source")
 

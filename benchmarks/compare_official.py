@@ -52,6 +52,7 @@ def import_both(official_repo):
                  f"git clone https://github.com/facebookresearch/dino {repo}")
     sys.path.insert(0, ROOT)
     import dino
+    import koleo_proto
     sys.path.insert(0, repo)
     import vision_transformer as ovt  # official modules (utils, vision_transformer, main_dino)
     import utils as outils
@@ -186,6 +187,7 @@ def check_speed(dino, ovt, outils, steps, max_ratio):
 def check_knn(dino, official_repo):
     sys.path.insert(0, official_repo)
     from eval_knn import knn_classifier as official_knn
+    import koleo_proto
     g = torch.Generator().manual_seed(7)
     centres = torch.randn(100, 64, generator=g)
     def sample(n):
@@ -194,12 +196,12 @@ def check_knn(dino, official_repo):
     (train_f, train_y), (test_f, test_y) = sample(20000), sample(1000)
     worst = 0.0
     for k in (10, 20, 100, 200):
-        ours = dino.knn_classifier(train_f, train_y, test_f, test_y, k, 0.07, 100)
+        ours = koleo_proto.knn_classifier(train_f, train_y, test_f, test_y, k, 0.07, 100)
         off = official_knn(train_f, train_y, test_f, test_y, k, 0.07, 100)
         worst = max(worst, abs(ours[0] - off[0]), abs(ours[1] - off[1]))
     report("e) kNN top-1/top-5 vs eval_knn", worst <= 0.01, f"worst difference {worst:.3f} points over k = 10, 20, 100, 200 "
-           f"(k=20: ours {dino.knn_classifier(train_f, train_y, test_f, test_y, 20, 0.07, 100)[0]:.2f}%)")
-    top1, _ = dino.knn_classifier(train_f, train_y, test_f[:37], test_y[:37], 20, 0.07, 100)
+           f"(k=20: ours {koleo_proto.knn_classifier(train_f, train_y, test_f, test_y, 20, 0.07, 100)[0]:.2f}%)")
+    top1, _ = koleo_proto.knn_classifier(train_f, train_y, test_f[:37], test_y[:37], 20, 0.07, 100)
     report("e) kNN on 37 test samples", 0 <= top1 <= 100, f"ours {top1:.2f}% (the official one needs >= 100)")
 
 

@@ -189,7 +189,7 @@ def check_masks(ibot, ImageFolderMask):
         for ratio, var in (([0.3], [0.0]), ([0.0, 0.3], [0.0, 0.2])):
             off = ImageFolderMask(root, transform=crops, patch_size=16, pred_ratio=ratio if len(ratio) > 1 else ratio[0],
                                   pred_ratio_var=var if len(var) > 1 else var[0], pred_aspect_ratio=(0.3, 1 / 0.3))
-            ours = ibot.MaskedCrops(ibot.ArrayDataset(np.zeros((1, 8, 8), np.uint8), [0], crops), 16, 2, ratio, var,
+            ours = ibot.MaskedCrops(ibot.koleo_proto.ArrayDataset(np.zeros((1, 8, 8), np.uint8), [0], crops), 16, 2, ratio, var,
                                     (0.3, 1 / 0.3))
             same, masked = 0, []
             for seed in range(200):

@@ -445,11 +445,11 @@ def part_pipeline(bench, cfg, workdir):
     kib = make_jpegs(root, cfg["jpegs"], cfg["jpeg_size"])
     made = f"{cfg['jpegs']} JPEGs of {cfg['jpeg_size'][0]} x {cfg['jpeg_size'][1]} px, " \
            f"{kib:.0f} KiB on average, written in {time.perf_counter() - t0:.1f} s"
-    mean, std = dino.DATASETS["imagenet"]
+    mean, std = koleo_proto.DATASETS["imagenet"]
     augment = dino.DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
                                         args.local_crops_number, args.global_crops_size,
                                         args.local_crops_size, mean, std)
-    dataset = dino.image_folder(root, augment)
+    dataset = koleo_proto.image_folder(root, augment)
     B = args.batch_size_per_gpu
 
     def batches(workers, n):  # a running loader of n batches, as dino.main's

@@ -42,7 +42,7 @@ def get_args_parser():
               "the releases state no file sizes, those below are our estimates from the\n"
               "parameter counts:\n" + files + "\nEsViT's blob store needs the read-only SAS of "
               "microsoft/esvit's README in $ESVIT_SAS.\n" + NOT_PUBLIC + ".")
-    p = dino.OneLineParser("audit_official.py", description=__doc__, epilog=epilog,
+    p = koleo_proto.OneLineParser("audit_official.py", description=__doc__, epilog=epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--download", action="store_true", help="fetch the files missing from the cache")
     p.add_argument("--checkpoint_key", default="teacher", help="the network audited (or student)")
@@ -133,4 +133,4 @@ def plot(rows, path):
 
 
 if __name__ == "__main__":
-    dino.run(lambda: sys.exit(main()), "audit_official.py")
+    koleo_proto.run(lambda: sys.exit(main()), "audit_official.py")

@@ -50,7 +50,7 @@ def load(path):
     ckpt = dino.load_checkpoint(path)
     args = ckpt["args"]
     student, teacher = dino.build_models(args)
-    student.load_state_dict(dino.strip_prefix(ckpt["student"]))
+    student.load_state_dict(koleo_proto.strip_prefix(ckpt["student"]))
     teacher.load_state_dict(ckpt["teacher"])
     loss = dino.DINOLoss(args.out_dim, 2 + args.local_crops_number, args.warmup_teacher_temp, args.teacher_temp,
                          args.warmup_teacher_temp_epochs, args.epochs, vmf_dim=args.bottleneck_dim if args.vmf else None)
@@ -142,13 +142,13 @@ def main(argv=None):
     for path in args_cli.checkpoints:
         torch.manual_seed(0)  # the same images and crops for every checkpoint
         args, student, teacher, loss, epoch, optimizer_state = load(path)
-        mean, std = dino.DATASETS[args.data]
-        plain = dino.build_dataset(args, True, dino.eval_transform(args, mean, std))
+        mean, std = koleo_proto.DATASETS[args.data]
+        plain = koleo_proto.build_dataset(args, True, koleo_proto.eval_transform(args, mean, std))
         images = torch.stack([plain[i][0] for i in range(min(args_cli.images, len(plain)))])
         row, marginal = feature_and_teacher_stats(args, teacher, loss, epoch, images)
         augment = dino.DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
                                             args.global_crops_size, args.local_crops_size, mean, std)
-        train = dino.build_dataset(args, True, augment)
+        train = koleo_proto.build_dataset(args, True, augment)
         order = torch.randperm(len(train))[:args_cli.batches * args_cli.batch_size].view(args_cli.batches, -1)
         batches = []
         for idx in order:

@@ -17,6 +17,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import koleo_proto
 import dino  # noqa: E402  (the repository's root is put on the path first)
 
 
@@ -44,7 +45,7 @@ def main(argv=None):
         log = [json.loads(line) for line in open(log_path)] if os.path.isfile(log_path) else []
         log = [e for e in log if e.get("epoch", 0) <= ckpt["epoch"]]
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        dino.save_checkpoint(slim(ckpt, log, args.whole_teacher), args.output)
+        koleo_proto.save_checkpoint(slim(ckpt, log, args.whole_teacher), args.output)
     except dino.BadInput as e:
         sys.exit(f"slim_checkpoint.py: error: {e}")
     print(f"{args.output}: {os.path.getsize(args.output) / 2 ** 20:.1f} MiB, epoch {ckpt['epoch']}")

@@ -48,7 +48,7 @@ DEFAULTS = dict(
 def make_clusters(clusters, dim, cluster_std, n_max, rho, test_per_cluster, seed):
     """Labelled Gaussian clusters: centres on a sphere of radius 2 (so neighbouring clusters
     overlap a little at cluster_std 0.5), training sizes n_max * rho^(-c / (C - 1)) as
-    dino.long_tail_indices, and a balanced test set (as the long-tail benchmarks)."""
+    koleo_proto.long_tail_indices, and a balanced test set (as the long-tail benchmarks)."""
     g = torch.Generator().manual_seed(seed)
     centres = 2 * F.normalize(torch.randn(clusters, dim, generator=g), dim=1)  # (C, dim)
     counts = [max(1, int(n_max * rho ** (-c / max(1, clusters - 1)))) for c in range(clusters)]

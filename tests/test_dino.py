@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import koleo_proto
 import dino
 from helpers import assert_one_line_error, assert_unchanged, inject_nan, malicious_checkpoint, sha
 
@@ -141,8 +142,8 @@ def test_knn_hand_computed():
     train_y = torch.tensor([0, 1, 1])
     test_f, test_y = torch.tensor([[1.0, 0]]), torch.tensor([0])
     # weights exp(1/T) for class 0 against exp(0.6/T) + exp(0/T) for class 1
-    assert dino.knn_classifier(train_f, train_y, test_f, test_y, k=3, T=0.07)[0] == 100.0
-    assert dino.knn_classifier(train_f, train_y, test_f, test_y, k=3, T=10.0)[0] == 0.0
+    assert koleo_proto.knn_classifier(train_f, train_y, test_f, test_y, k=3, T=0.07)[0] == 100.0
+    assert koleo_proto.knn_classifier(train_f, train_y, test_f, test_y, k=3, T=10.0)[0] == 0.0
 
 
 @pytest.mark.parametrize("n_test", [1, 37])
@@ -152,27 +153,27 @@ def test_knn_any_test_size(n_test):
     train_y = torch.randint(0, 7, (200,), generator=g)
     test_f = F.normalize(torch.randn(n_test, 16, generator=g), dim=1)
     test_y = torch.randint(0, 7, (n_test,), generator=g)
-    top1, top5 = dino.knn_classifier(train_f, train_y, test_f, test_y, k=20, T=0.07, num_classes=7)
+    top1, top5 = koleo_proto.knn_classifier(train_f, train_y, test_f, test_y, k=20, T=0.07, num_classes=7)
     assert top1 == pytest.approx(reference_knn(train_f, train_y, test_f, test_y, 20, 0.07, 7))
     assert top1 <= top5 <= 100.0
 
 
 def test_long_tail_profile():
     targets = np.repeat(np.arange(10), 100)
-    idx = dino.long_tail_indices(targets, 10, seed=0)
+    idx = koleo_proto.long_tail_indices(targets, 10, seed=0)
     counts = np.bincount(targets[idx])
     assert counts[0] == 100 and counts[-1] == 10 and np.all(np.diff(counts) <= 0)
-    assert np.array_equal(idx, dino.long_tail_indices(targets, 10, seed=0))  # seeded
+    assert np.array_equal(idx, koleo_proto.long_tail_indices(targets, 10, seed=0))  # seeded
 
 
 # ------------------------------------------------------------------------------------------ training
 def test_training_steps_lower_the_loss():
     """The student learns to match a fixed teacher: the loss on a batch of real crops goes down."""
     args = dino.parse_args(TINY)
-    mean, std = dino.DATASETS[args.data]
+    mean, std = koleo_proto.DATASETS[args.data]
     augment = dino.DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
                                         args.global_crops_size, args.local_crops_size, mean, std)
-    dataset = dino.build_dataset(args, True, augment)
+    dataset = koleo_proto.build_dataset(args, True, augment)
     torch.manual_seed(0)
     batch = [torch.stack(c) for c in zip(*(dataset[i][0] for i in range(16)))]  # 4 crops of (16, 3, H, W)
     student, teacher = dino.build_models(args)
@@ -236,7 +237,7 @@ def test_training_run_writes_official_checkpoint(tmp_path):
     args = dino.parse_args(TINY)
     student, teacher = dino.build_models(args)
     teacher.load_state_dict(ckpt["teacher"], strict=True)
-    student.load_state_dict(dino.strip_prefix(ckpt["student"]), strict=True)
+    student.load_state_dict(koleo_proto.strip_prefix(ckpt["student"]), strict=True)
     summary = json.load(open(tmp_path / "summary.json"))
     for key in ("knn_top1", "knn_top1_init", "raw_pixel_knn_top1", "unique_prototypes",
                 "unique_prototypes_student", "num_prototypes", "seconds"):
@@ -400,7 +401,7 @@ def test_warmup_left_unset_shrinks_to_fit_epochs(tmp_path, capsys):
     an explicit impossible one is still an error; the imagenet run then reaches its data check."""
     args = dino.parse_args(["--data", "imagenet", "--epochs", "1"])
     assert (args.warmup_epochs, args.epochs) == (1, 1)
-    assert "--warmup_epochs 10 of the preset shortened to --epochs 1" in capsys.readouterr().out
+    assert "--warmup_epochs 10 of the preset shortened to 1 to fit --epochs 1" in capsys.readouterr().out
     with pytest.raises(dino.BadInput, match="--warmup_epochs 3 must lie"):
         dino.parse_args(["--epochs", "2", "--warmup_epochs", "3"])
     result = run_script("--data", "imagenet", "--data_path", "/nonexistent", "--epochs", "1",
@@ -426,7 +427,7 @@ def test_resume_checks_every_architecture_argument(tmp_path, flag, saved, now):
     args, student, teacher, optimizer = built(now)
     loss = dino.DINOLoss(64, 4, 0.04, 0.04, 0, 2)
     with pytest.raises(dino.BadInput, match=f"was trained with {flag} .* pass the same {flag} "):
-        dino.restore(ckpt, "ckpt.pth", args, student, teacher, optimizer, loss, None)
+        koleo_proto.restore(ckpt, "ckpt.pth", args, dino.SHAPE_FLAGS, student, teacher, optimizer, {"dino_loss": loss})
 
 
 def test_a_checkpoint_from_before_hidden_dim_has_the_official_width(tmp_path):
@@ -444,12 +445,12 @@ def test_subset_on_a_folder_keeps_the_classes(tmp_path, capsys):
     """--subset N on a folder tree (sorted by class) is a seeded sample with each class's share,
     for the training and the test split, not the first N images (one class)."""
     targets = np.repeat(np.arange(10), 50)
-    idx = dino.balanced_subset(np.arange(500), targets, 25, seed=0)
+    idx = koleo_proto.balanced_subset(np.arange(500), targets, 25, seed=0)
     counts = np.bincount(targets[idx], minlength=10)
     assert len(idx) == 25 and counts.min() == 2 and counts.max() == 3
-    assert np.array_equal(idx, dino.balanced_subset(np.arange(500), targets, 25, seed=0))
-    lt = dino.long_tail_indices(targets, 10, seed=0)  # a long tail keeps its profile
-    sub = np.bincount(targets[dino.balanced_subset(lt, targets, len(lt) // 2, seed=0)])
+    assert np.array_equal(idx, koleo_proto.balanced_subset(np.arange(500), targets, 25, seed=0))
+    lt = koleo_proto.long_tail_indices(targets, 10, seed=0)  # a long tail keeps its profile
+    sub = np.bincount(targets[koleo_proto.balanced_subset(lt, targets, len(lt) // 2, seed=0)])
     assert np.abs(sub - np.bincount(targets[lt]) / 2).max() <= 1
     from PIL import Image
     for split in ("train", "val"):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import koleo_proto
 import dino
 import evaluate
 from helpers import malicious_checkpoint
@@ -80,7 +81,7 @@ def run_cli(*args):
 
 
 # One Python process for many command lines: it imports evaluate once (torch takes ~5 s here), then
-# forks a child per command line that runs evaluate.main through dino.run as `python evaluate.py` would, and reports
+# forks a child per command line that runs evaluate.main through koleo_proto.run as `python evaluate.py` would, and reports
 # the exit code and everything written to stderr (a traceback included).
 DRIVER = r"""
 import json, os, sys, traceback
@@ -95,7 +96,7 @@ for i, argv in enumerate(json.loads(sys.argv[3])):
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
         sys.argv, code = ["evaluate.py", *argv], 0
         try:
-            evaluate.dino.run(evaluate.main, "evaluate.py")
+            evaluate.koleo_proto.run(evaluate.main, "evaluate.py")
         except SystemExit as e:  # the interpreter prints a string exit code and exits with 1
             code = (sys.stderr.write(f"{e.code}\n") and 1) if isinstance(e.code, str) else (e.code or 0)
         except BaseException:
@@ -367,8 +368,8 @@ def test_collapse_cell_is_evaluated_on_its_training_subset(tmp_path, capsys):
     path = full_checkpoint(tmp_path / "cell.pth", tiny_network(), args=args)
     results = evaluate.main(["--checkpoint", path, "--knn", "--long_tail", "10", "--nb_knn", "5",
                              "--num_workers", "0", "--no_cache"])
-    train_y = np.asarray(dino.build_dataset(args, True, None).targets)
-    counts = np.bincount(train_y[dino.training_indices(args, train_y)])
+    train_y = np.asarray(koleo_proto.build_dataset(args, True, None).targets)
+    counts = np.bincount(train_y[koleo_proto.training_indices(args, train_y)])
     assert results["data"]["train_images"] == 300 and results["data"]["test_images"] == 300
     data = results["data"]
     assert (data["largest_class"], data["smallest_class"]) == (counts.max(), counts.min())

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import koleo_proto
 import dino
 from helpers import sha
 
@@ -26,7 +27,7 @@ LOSS = {"dino": "DINOLoss", "ibot": "iBOTLoss"}
 DRIVER = r"""
 import builtins, errno, io, json, os, signal, sys, traceback
 sys.path.insert(0, sys.argv[1])
-import dino, ibot
+import dino, ibot, koleo_proto
 folder, results = sys.argv[2], []
 for i, case in enumerate(json.loads(sys.argv[3])):
     err = os.path.join(folder, f"stderr{i}.txt")
@@ -66,8 +67,8 @@ for i, case in enumerate(json.loads(sys.argv[3])):
                 return real_open(path, mode, *a, **k)
             builtins.open = failing_open
         if "free_bytes" in fault:
-            usage = module.shutil.disk_usage
-            module.shutil.disk_usage = lambda p: usage(p)._replace(free=fault["free_bytes"])
+            usage = koleo_proto.shutil.disk_usage
+            koleo_proto.shutil.disk_usage = lambda p: usage(p)._replace(free=fault["free_bytes"])
         train_one_epoch = module.train_one_epoch
         def counted_epoch(*a, **k):
             open(os.path.join(folder, f"trained{i}"), "w").close()
@@ -75,7 +76,7 @@ for i, case in enumerate(json.loads(sys.argv[3])):
         module.train_one_epoch = counted_epoch
         sys.argv, code = [case["script"] + ".py", *case["argv"]], 0
         try:
-            module.run(module.main, case["script"] + ".py")
+            koleo_proto.run(module.main, case["script"] + ".py")
         except SystemExit as e:  # the interpreter prints a string exit code and exits with 1
             if isinstance(e.code, str):
                 sys.stderr.write(f"{e.code}\n")
@@ -115,7 +116,7 @@ def one_line(stderr):
 
 def assert_same_run(a, b):
     """Two training checkpoints hold the same state (the seconds spent aside)."""
-    a, b = dino.safe_load(str(a)), dino.safe_load(str(b))
+    a, b = koleo_proto.safe_load(str(a)), koleo_proto.safe_load(str(b))
     assert a["epoch"] == b["epoch"]
     for part in ("student", "teacher", "dino_loss" if "dino_loss" in a else "ibot_loss"):
         assert a[part].keys() == b[part].keys()
@@ -133,7 +134,7 @@ def test_kill_mid_epoch_then_rerun_ends_as_uninterrupted(tmp_path, script):
     results = run_cases(tmp_path, [case(script, whole), case(script, killed, {"kill_at_loss": 3}),
                                    case(script, killed)])
     assert [r[0] for r in results] == [0, -9, 0], results
-    assert dino.safe_load(str(killed / "checkpoint.pth"))["epoch"] == 2
+    assert koleo_proto.safe_load(str(killed / "checkpoint.pth"))["epoch"] == 2
     assert_same_run(whole / "checkpoint.pth", killed / "checkpoint.pth")
     assert [json.loads(l)["epoch"] for l in open(killed / "log.txt")] == [1, 2]
 
@@ -145,11 +146,11 @@ def test_kill_during_checkpoint_write_keeps_the_previous(tmp_path, script):
     out = tmp_path / "run"
     first, = run_cases(tmp_path, [case(script, out, {"kill_in_save": 2}, "--saveckp_freq", "0")])
     assert first[0] == -9
-    ckpt = dino.safe_load(str(out / "checkpoint.pth"))
+    ckpt = koleo_proto.safe_load(str(out / "checkpoint.pth"))
     assert ckpt["epoch"] == 1 and (out / "checkpoint.pth.tmp").exists()  # the half-written one
     before = sha(out / "checkpoint.pth")
     second, = run_cases(tmp_path, [case(script, out, {}, "--saveckp_freq", "0")])
-    assert second[0] == 0 and dino.safe_load(str(out / "checkpoint.pth"))["epoch"] == 2
+    assert second[0] == 0 and koleo_proto.safe_load(str(out / "checkpoint.pth"))["epoch"] == 2
     assert sha(out / "checkpoint.pth") != before and not (out / "checkpoint.pth.tmp").exists()
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import koleo_proto
 import dino
 import evaluate
 import ibot
@@ -305,7 +306,7 @@ def test_training_run_writes_official_checkpoint(separate_run, shared_run):
     assert {"head.last_layer.weight_g", "head.last_layer2.weight_v"} <= set(ckpt["teacher"])
     student, teacher = ibot.build_models(ibot.parse_args(TINY + SEPARATE))
     teacher.load_state_dict(ckpt["teacher"], strict=True)
-    student.load_state_dict(ibot.strip_prefix(ckpt["student"]), strict=True)
+    student.load_state_dict(koleo_proto.strip_prefix(ckpt["student"]), strict=True)
     summary = json.load(open(out / "summary.json"))
     for key in ("knn_top1", "knn_top1_init", "raw_pixel_knn_top1", "unique_prototypes", "num_prototypes", "unique_percent", "seconds",
                 "unique_prototypes_patch", "num_prototypes_patch", "unique_prototypes_student"):
@@ -320,7 +321,7 @@ def test_training_run_writes_official_checkpoint(separate_run, shared_run):
         assert torch.equal(ckpt[net][prefix + "last_layer.weight_v"], ckpt[net][prefix + "last_layer2.weight_v"])
     student, teacher = ibot.build_models(ibot.parse_args(TINY))
     teacher.load_state_dict(ckpt["teacher"], strict=True)
-    student.load_state_dict(ibot.strip_prefix(ckpt["student"]), strict=True)
+    student.load_state_dict(koleo_proto.strip_prefix(ckpt["student"]), strict=True)
     assert "unique_prototypes_patch" not in json.load(open(out / "summary.json"))
 
 
@@ -393,10 +394,10 @@ def test_torchrun_two_processes(tmp_path):
 
 # --------------------------------------------------------------------------------------------- bad input
 def assert_main_fails(capsys, argv, *words):
-    """ibot.run(main) in this process: one-line SystemExit message naming words, nothing else on stderr."""
+    """koleo_proto.run(ibot.main) in this process: one-line SystemExit message naming words, nothing else on stderr."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        ibot.run(lambda: ibot.main(list(argv)))
+        koleo_proto.run(lambda: ibot.main(list(argv)), "ibot.py")
     message = e.value.code
     assert isinstance(message, str) and message.startswith("ibot.py: error:") and "\n" not in message.strip(), message
     for w in words:
@@ -420,7 +421,7 @@ def assert_main_fails(capsys, argv, *words):
     (["--global_crops_number", "1", "--local_crops_number", "0"], ["at least 2 crops"]),
 ])
 def test_bad_arguments(tmp_path, capsys, args, words):
-    """Each bad flag (in this process, through ibot.run) is one line naming the problem."""
+    """Each bad flag (in this process, through koleo_proto.run) is one line naming the problem."""
     assert_main_fails(capsys, TINY + ["--output_dir", str(tmp_path), *args], *words)
 
 
@@ -543,7 +544,8 @@ def test_resume_checks_every_architecture_argument(flag, saved, now):
             "optimizer": optimizer.state_dict()}
     args, student, teacher, optimizer = built(now)
     with pytest.raises(ibot.BadInput, match=f"was trained with {flag} .* pass the same {flag} "):
-        ibot.restore(ckpt, "ckpt.pth", args, student, teacher, optimizer, new_loss(64, 64), None)
+        koleo_proto.restore(ckpt, "ckpt.pth", args, ibot.SHAPE_FLAGS, student, teacher, optimizer,
+                            {"ibot_loss": new_loss(64, 64)})
 
 
 def test_shared_teacher_head_starts_as_official_and_separate_one_follows():
@@ -572,6 +574,5 @@ def test_subset_on_a_folder_keeps_the_classes():
     """As dino.py's: --subset is a seeded sample with each class's share, not the first N."""
     targets = np.repeat(np.arange(10), 50)  # sorted by class, as an image folder
     args = ibot.parse_args(TINY + ["--subset", "25"])
-    counts = np.bincount(targets[ibot.training_indices(args, targets)], minlength=10)
+    counts = np.bincount(targets[koleo_proto.training_indices(args, targets)], minlength=10)
     assert counts.sum() == 25 and counts.min() == 2 and counts.max() == 3
-    assert np.array_equal(ibot.training_indices(args, targets), dino.training_indices(args, targets))

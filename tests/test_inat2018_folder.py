@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import koleo_proto
 import dino
 from experiments import inat2018_folder
 
@@ -34,13 +35,13 @@ def test_train_and_val_trees(tmp_path):
     make_inat(tmp_path / "inat")
     out = tmp_path / "folder"
     inat2018_folder.main([str(tmp_path / "inat"), str(out)])
-    train, val = dino.image_folder(str(out / "train"), None), dino.image_folder(str(out / "val"), None)
+    train, val = koleo_proto.image_folder(str(out / "train"), None), koleo_proto.image_folder(str(out / "val"), None)
     assert train.classes == val.classes == ["03", "07", "12"]  # zero-padded: numeric order in both
     assert np.bincount(train.targets).tolist() == [4, 2, 2] and len(val) == 3
     sources = lambda d: {os.path.basename(os.path.realpath(p)) for p, _ in d.samples}
     assert all(s.startswith("train") for s in sources(train)) and all(s.startswith("val") for s in sources(val))
     inat2018_folder.main([str(tmp_path / "inat"), str(out)])  # a rerun keeps the links, adds none
-    assert len(dino.image_folder(str(out / "train"), None)) == 8
+    assert len(koleo_proto.image_folder(str(out / "train"), None)) == 8
 
 
 def test_bad_layouts_one_line(tmp_path):

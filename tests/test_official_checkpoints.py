@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import models
 
+import koleo_proto
 import dino
 import evaluate
 import official_checkpoints

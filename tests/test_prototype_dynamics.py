@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import koleo_proto
 import dino
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +49,7 @@ def test_dynamics_of_a_tiny_run(tiny_run, tmp_path):
 def test_slim_checkpoint_audits_like_the_full_one(tiny_run, tmp_path):
     slim = tmp_path / "slim.pth"
     run("experiments/slim_checkpoint.py", tiny_run / "checkpoint.pth", slim)
-    full = dino.safe_load(str(tiny_run / "checkpoint.pth"))  # weights_only, Namespace args allowed
+    full = koleo_proto.safe_load(str(tiny_run / "checkpoint.pth"))  # weights_only, Namespace args allowed
     small = torch.load(slim, map_location="cpu", weights_only=True)  # plain tensors, dicts and lists only
     assert set(small) == {"teacher", "args", "epoch", "log"} and small["log"][-1]["epoch"] == 1
     assert all(k.startswith(("backbone.", "head.last_layer.")) for k in small["teacher"])
